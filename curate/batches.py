@@ -1,0 +1,121 @@
+"""Stage 5: compose training batches from topic clusters, free of in-batch collisions.
+
+Each batch takes ``same_topic`` x B rows from one topic (harder in-batch negatives, TAS-Balanced
+style; topics drawn with probability proportional to their remaining rows so every topic is used
+up at the same pace) and fills the rest from a seeded global order. Within a batch:
+
+- no document appears twice (as positive or negative): a row whose positive is already in the
+  batch waits for a later batch; a row's negative already in the batch is dropped from that row
+  (its column is still in the batch, so the query still sees it in the denominator);
+- a row whose known positives collide with another row's documents is either kept apart
+  (``shared_positives: separate``) or allowed in, with the collision left to the trainer's mask
+  via ``known_pos_ids`` (``mask``) — never both, never silently.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from curate.config import BatchConfig
+
+# How far down a queue the composer looks for a row that fits before giving up on it.
+SCAN_LIMIT = 256
+
+
+@dataclass(frozen=True)
+class Row:
+    pos: str
+    negs: tuple[str, ...]
+    known: frozenset[str]
+    topic: int
+
+
+@dataclass
+class _Batch:
+    rows: list[int] = field(default_factory=list)
+    negs: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    docs: set[str] = field(default_factory=set)
+    known: set[str] = field(default_factory=set)
+
+
+def _fits(row: Row, batch: _Batch, separate: bool) -> bool:
+    if row.pos in batch.docs:
+        return False
+    if separate:
+        docs = {row.pos, *row.negs}
+        return not (row.known & batch.docs or docs & batch.known)
+    return True
+
+
+def _add(batch: _Batch, i: int, row: Row, stats: Counter) -> None:
+    negs = tuple(n for n in row.negs if n not in batch.docs)
+    stats["neg_dropped_in_batch"] += len(row.negs) - len(negs)
+    batch.rows.append(i)
+    batch.negs[i] = negs
+    batch.docs.update((row.pos, *negs))
+    batch.known.update(row.known)
+
+
+def _take(queue: deque, rows: list[Row], placed, batch: _Batch, n: int, cfg, stats) -> None:
+    """Move up to ``n`` fitting rows from the front of ``queue`` into ``batch``."""
+    scanned, kept = 0, deque()
+    while queue and n > 0 and scanned < SCAN_LIMIT:
+        i = queue.popleft()
+        if placed[i]:
+            continue
+        scanned += 1
+        if _fits(rows[i], batch, cfg.shared_positives == "separate"):
+            _add(batch, i, rows[i], stats)
+            placed[i] = True
+            n -= 1
+        else:
+            kept.append(i)
+    queue.extendleft(reversed(kept))
+
+
+def compose(rows: list[Row], cfg: BatchConfig, seed: int) -> tuple[list[list[int]], dict, Counter]:
+    """-> (batches as row numbers, row number -> negatives kept in its batch, statistics)."""
+    rng = np.random.default_rng(seed)
+    topics = sorted({r.topic for r in rows})
+    members = {t: [i for i, r in enumerate(rows) if r.topic == t] for t in topics}
+    queues = {t: deque(int(i) for i in rng.permutation(members[t])) for t in topics}
+    left = np.array([len(members[t]) for t in topics], dtype=np.float64)
+    slot = {t: k for k, t in enumerate(topics)}
+    pool = deque(int(i) for i in rng.permutation(len(rows)))
+    placed = np.zeros(len(rows), dtype=bool)
+    n_same = round(cfg.batch_size * cfg.same_topic)
+    out, negs, stats = [], {}, Counter()
+    while not placed.all():
+        t = topics[int(rng.choice(len(topics), p=left / left.sum()))]
+        batch = _Batch()
+        _take(queues[t], rows, placed, batch, n_same, cfg, stats)
+        _take(pool, rows, placed, batch, cfg.batch_size - len(batch.rows), cfg, stats)
+        if not batch.rows:  # nothing fit within the scan limit: start a batch with any row
+            i = int(np.flatnonzero(~placed)[0])
+            _add(batch, i, rows[i], stats)
+            placed[i] = True
+        out.append(batch.rows)
+        negs.update(batch.negs)
+        for i in batch.rows:
+            left[slot[rows[i].topic]] -= 1
+    if cfg.drop_last:
+        stats["rows_dropped_last"] = sum(len(b) for b in out if len(b) < cfg.batch_size)
+        out = [b for b in out if len(b) == cfg.batch_size]
+    stats["batches"] = len(out)
+    stats["full_batches"] = sum(len(b) == cfg.batch_size for b in out)
+    stats["masked_pairs"] = sum(_collisions(rows, b, negs) for b in out)
+    return out, negs, stats
+
+
+def _collisions(rows: list[Row], batch: list[int], negs: dict) -> int:
+    """(row, other row's document) pairs in a batch where the document is a known positive of
+    the row: the entries the trainer's mask removes."""
+    n = 0
+    for i in batch:
+        for j in batch:
+            if i != j:
+                n += len(rows[i].known & {rows[j].pos, *negs[j]})
+    return n

@@ -1,0 +1,250 @@
+"""Run configuration: one frozen dataclass per stage, loaded from YAML and validated up front.
+
+Every key is checked before any work starts: unknown keys get a did-you-mean, values are checked
+against the field's type, its allowed choices (``Literal``) and its range (``field(metadata=...)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from curate.errors import ConfigError
+
+
+def _range(lo: float | None = None, hi: float | None = None, **kw: Any) -> dict:
+    return {"lo": lo, "hi": hi, **kw}
+
+
+@dataclass(frozen=True)
+class ColumnsConfig:
+    """Column names of the input tables; the defaults are BEIR's."""
+
+    doc_id: str = "_id"
+    title: str = "title"
+    text: str = "text"
+    query_id: str = "_id"
+    query_text: str = "text"
+    qrels_query_id: str = "query-id"
+    qrels_doc_id: str = "corpus-id"
+    qrels_score: str = "score"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the corpus, queries and known positives are.
+
+    ``path`` is a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) or ``demo`` for the
+    generated demo set. ``corpus``/``queries``/``qrels_dir`` override single files (Parquet or JSONL).
+    """
+
+    path: str = "demo"
+    corpus: str | None = None
+    queries: str | None = None
+    qrels_dir: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = "test"
+    empty_text: Literal["error", "skip"] = "error"
+    max_train_queries: int | None = field(default=None, metadata=_range(1))
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    model: str = "all-MiniLM-L6-v2"
+    max_length: int = field(default=256, metadata=_range(8, 8192))
+    query_prefix: str = ""
+    doc_prefix: str = ""
+    pooling: Literal["auto", "mean", "cls"] = "auto"
+    # Batches are cut by padded tokens (rows x longest row), not by a row count.
+    token_budget: int = field(default=16384, metadata=_range(64))
+    # int8: dynamic quantisation of the linear layers (CPU only).
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
+    store_dtype: Literal["float32", "float16"] = "float32"
+    partition_size: int = field(default=1024, metadata=_range(1))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    # "auto": Flat below `flat_max` vectors, IVF-PQ above; else any faiss index_factory string.
+    factory: str = "auto"
+    flat_max: int = field(default=1_000_000, metadata=_range(1))
+    nprobe: int = field(default=32, metadata=_range(1))
+    train_sample: int = field(default=200_000, metadata=_range(1000))
+    shards: int = field(default=1, metadata=_range(1))
+    query_block: int = field(default=4096, metadata=_range(1))
+    use_gpu: Literal["auto", "never", "always"] = "auto"
+
+
+@dataclass(frozen=True)
+class MineConfig:
+    top_k: int = field(default=100, metadata=_range(1, 10_000))
+    num_negatives: int = field(default=7, metadata=_range(1, 1000))
+    range_min: int = field(default=0, metadata=_range(0))
+    range_max: int = field(default=100, metadata=_range(1))
+    # Drop candidates scoring above max_relative * score(positive) (NV-Retriever TopK-PercPos).
+    max_relative: float | None = field(default=0.95, metadata=_range(0.0, 10.0))
+    near_dup_threshold: float = field(default=0.98, metadata=_range(-1.0, 1.0))
+    strategy: Literal["top", "random"] = "top"
+    query_partition: int = field(default=2048, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    batch_size: int = field(default=32, metadata=_range(2, 65536))
+    # Share of each batch drawn from one topic cluster; the rest is drawn from all topics.
+    same_topic: float = field(default=0.75, metadata=_range(0.0, 1.0))
+    n_topics: int = field(default=0, metadata=_range(0))  # 0: about sqrt(#queries)
+    # Rows whose known positives collide in a batch: "mask" keeps them together and records the
+    # mask (known_pos_ids); "separate" never puts them in one batch.
+    shared_positives: Literal["mask", "separate"] = "mask"
+    batches_per_shard: int = field(default=64, metadata=_range(1))
+    drop_last: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    enabled: bool = True
+    epochs: int = field(default=1, metadata=_range(1))
+    max_steps: int | None = field(default=None, metadata=_range(1))
+    lr: float = field(default=2e-5, metadata=_range(0.0, 1.0))
+    weight_decay: float = field(default=0.01, metadata=_range(0.0, 1.0))
+    warmup_steps: int = field(default=10, metadata=_range(0))
+    grad_clip: float = field(default=1.0, metadata=_range(0.0))
+    temperature: float = field(default=0.05, metadata=_range(1e-4, 10.0))
+    learn_temperature: bool = False
+    symmetric: bool = False
+    max_length: int = field(default=128, metadata=_range(8, 8192))
+    checkpoint_every: int = field(default=50, metadata=_range(1))
+    # GradCache chunk size; 0 embeds the whole batch with graph at once.
+    chunk_size: int = field(default=0, metadata=_range(0))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    enabled: bool = True
+    max_queries: int | None = field(default=None, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    scheduler: str | None = None  # address of an existing Dask scheduler; None starts a LocalCluster
+    n_workers: int | None = field(default=None, metadata=_range(1))
+    threads_per_worker: int | None = field(default=None, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class Config:
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    mine: MineConfig = field(default_factory=MineConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- building and validating -------------------------------------------------------------
+
+
+def _check_value(where: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_value(where, value, inner, meta)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of keys, got {value!r}")
+        return build(hint, value, where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        raise ConfigError(f"{where}: {value!r} is out of range [{lo}, {hi}]")
+    return value
+
+
+def build(cls: type, values: dict, where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a plain mapping, validating every key and value."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {sorted(fields)}"
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+        kwargs[key] = _check_value(f"{where}.{key}", value, hints[key], fields[key].metadata)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is a value, not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``mine.num_negatives=7`` -> ("mine.num_negatives", 7); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. mine.num_negatives=7")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config (safe loader only) and apply ``KEY=VALUE`` overrides."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found; pass an existing YAML file")
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        _set_path(tree, *parse_override(item))
+    return build(Config, tree, str(path) if path else "config")
+
+
+def config_from_dict(tree: dict) -> Config:
+    return build(Config, tree)

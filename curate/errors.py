@@ -1,0 +1,25 @@
+"""Errors a user can act on: each names the input, the place in it, what is wrong and the fix."""
+
+from __future__ import annotations
+
+
+class CurateError(Exception):
+    """Base of every error curate raises on purpose."""
+
+
+class DataError(CurateError):
+    """Bad input data: names the file, the row (1-based line for JSONL/TSV, 0-based row for
+    Parquet), the problem and how to fix it."""
+
+    def __init__(self, file: str, problem: str, fix: str, row: int | None = None):
+        self.file, self.problem, self.fix, self.row = str(file), problem, fix, row
+        where = f"{self.file}" + (f", row {row}" if row is not None else "")
+        super().__init__(f"{where}: {problem}. Fix: {fix}")
+
+
+class ConfigError(CurateError):
+    """A config value that is unknown, of the wrong type or out of range."""
+
+
+class StageMismatchError(CurateError):
+    """Artifacts of two stages that do not belong together (other model, other dimension)."""

@@ -1,0 +1,122 @@
+"""Stage 4: mine hard negatives for (query, positive) pairs and filter likely false negatives.
+
+For each pair the query's top-k candidates pass, in order, through rules that each name their
+reason and are counted (the filter funnel):
+
+  known_positive          any qrels positive of the query (all of them, not only this pair's)
+  duplicate_of_positive   same normalised-text hash as one of the query's positives
+  near_duplicate          cosine to one of the query's positives above ``near_dup_threshold``
+  above_ceiling           score > max_relative * score(query, positive) (NV-Retriever TopK-PercPos)
+  out_of_window           retrieval rank outside [range_min, range_max)
+  not_selected            eligible, but ``num_negatives`` were already kept
+
+The first four are likely false negatives: they are returned as forbidden (query, doc, reason)
+rows that the trainer's mask obeys. Random choices are seeded by (seed, query_id, pos_id), so the
+output does not depend on how the queries were partitioned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from curate.config import MineConfig
+
+FALSE_NEGATIVE_REASONS = ("known_positive", "duplicate_of_positive", "near_duplicate", "above_ceiling")
+REASONS = FALSE_NEGATIVE_REASONS + ("out_of_window", "not_selected")
+
+
+def stable_seed(seed: int, *keys: str) -> list[int]:
+    """Entropy for numpy's SeedSequence from a seed and string keys, same on every machine."""
+    digest = hashlib.blake2b("\x1f".join(keys).encode("utf-8"), digest_size=16).digest()
+    return [seed, *np.frombuffer(digest, dtype=np.uint32).tolist()]
+
+
+@dataclass
+class PairBlock:
+    """Integer view of one partition of training pairs; doc numbers index the corpus matrix."""
+
+    query_ids: list[str]  # [Q]
+    query_vecs: np.ndarray  # [Q, D]
+    pair_query: np.ndarray  # [P] row in query_ids
+    pair_pos: np.ndarray  # [P] doc number of the pair's positive
+    known: list[np.ndarray]  # [Q] doc numbers of every known positive of the query
+    pos_ids: list[str]  # [P] doc id of the pair's positive (for seeding)
+
+
+@dataclass
+class MineResult:
+    pair: np.ndarray  # [P] pair number within the block
+    pos_score: np.ndarray  # [P]
+    neg_docs: list[np.ndarray]  # [P] kept doc numbers, best first
+    neg_scores: list[np.ndarray]
+    neg_ranks: list[np.ndarray]
+    forbidden: list[tuple[int, int, str]] = field(default_factory=list)  # (query row, doc, reason)
+    funnel: Counter = field(default_factory=Counter)
+
+
+def mine_block(
+    block: PairBlock,
+    scores: np.ndarray,
+    cands: np.ndarray,
+    doc_vecs: np.ndarray,
+    doc_hash: np.ndarray,
+    cfg: MineConfig,
+    seed: int,
+) -> MineResult:
+    """Filter and select negatives; ``scores``/``cands`` are the [Q, k] search results."""
+    P = len(block.pair_query)
+    res = MineResult(np.arange(P), np.empty(P, np.float32), [], [], [])
+    seen_forbidden: set[tuple[int, int]] = set()
+    for p in range(P):
+        qi, pos = int(block.pair_query[p]), int(block.pair_pos[p])
+        known = block.known[qi]
+        pos_score = float(block.query_vecs[qi] @ doc_vecs[pos])
+        res.pos_score[p] = pos_score
+        valid = cands[qi] >= 0
+        cand, cand_score = cands[qi][valid], scores[qi][valid]
+        ranks = np.flatnonzero(valid).astype(np.int32)
+        reason = _reasons(cand, cand_score, ranks, known, pos_score, doc_vecs, doc_hash, cfg)
+        for c, r in zip(cand, reason):
+            if r in FALSE_NEGATIVE_REASONS and (qi, int(c)) not in seen_forbidden:
+                seen_forbidden.add((qi, int(c)))
+                res.forbidden.append((qi, int(c), r))
+        eligible = np.flatnonzero(reason == "")
+        chosen = _select(eligible, cfg, stable_seed(seed, block.query_ids[qi], block.pos_ids[p]))
+        reason[np.setdiff1d(eligible, chosen)] = "not_selected"
+        res.funnel["candidates"] += len(cand)
+        res.funnel.update(r for r in reason.tolist() if r)
+        res.funnel["kept"] += len(chosen)
+        res.neg_docs.append(cand[chosen].astype(np.int64))
+        res.neg_scores.append(cand_score[chosen].astype(np.float32))
+        res.neg_ranks.append(ranks[chosen])
+    return res
+
+
+def _reasons(cand, cand_score, ranks, known, pos_score, doc_vecs, doc_hash, cfg: MineConfig):
+    """The first rule each candidate fails, '' where it passes all (vectorised over candidates)."""
+    reason = np.full(len(cand), "", dtype=object)
+
+    def mark(hit: np.ndarray, name: str) -> None:
+        reason[(reason == "") & hit] = name
+
+    mark(np.isin(cand, known), "known_positive")
+    if len(known):
+        mark(np.isin(doc_hash[cand], doc_hash[known]), "duplicate_of_positive")
+        cos = doc_vecs[cand] @ doc_vecs[known].T  # [k, |known|]
+        mark(cos.max(axis=1) > cfg.near_dup_threshold, "near_duplicate")
+    if cfg.max_relative is not None:
+        mark(cand_score > cfg.max_relative * pos_score, "above_ceiling")
+    mark((ranks < cfg.range_min) | (ranks >= cfg.range_max), "out_of_window")
+    return reason
+
+
+def _select(eligible: np.ndarray, cfg: MineConfig, entropy: list[int]) -> np.ndarray:
+    """Positions of the kept negatives among the candidates, in rank order."""
+    if cfg.strategy == "top" or len(eligible) <= cfg.num_negatives:
+        return eligible[: cfg.num_negatives]
+    rng = np.random.default_rng(entropy)
+    return np.sort(rng.choice(eligible, cfg.num_negatives, replace=False))

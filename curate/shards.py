@@ -1,0 +1,94 @@
+"""Shard writer and reader: whole batches per row group, atomic files, manifest last.
+
+A shard is a Parquet file holding ``batches_per_shard`` batches; each batch is exactly one row
+group, so a trainer (or a resume) can address batch b as (file, row group). Every file is
+written to ``<name>.tmp`` and renamed; ``manifest.json`` is written last and so marks a
+complete write. Same rows + same seed -> byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate import schema
+
+MANIFEST = "manifest.json"
+PARQUET_OPTS = dict(compression="zstd", compression_level=3, write_statistics=False)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_table(path: Path, table: pa.Table) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, **PARQUET_OPTS)
+    os.replace(tmp, path)
+
+
+def write_shards(table: pa.Table, out_dir: Path, batches_per_shard: int) -> list[dict]:
+    """``table`` (SHARD schema) sorted by batch_id -> shard files; returns their file records."""
+    schema.check(table, schema.SHARD, "shards")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("shard-*.parquet"):
+        stale.unlink()  # a rerun with other settings may write fewer shards
+    batch_ids = table.column("batch_id").to_numpy()
+    bounds = [0, *(i for i in range(1, len(batch_ids)) if batch_ids[i] != batch_ids[i - 1])]
+    bounds.append(len(batch_ids))
+    records = []
+    for s, first in enumerate(range(0, len(bounds) - 1, batches_per_shard)):
+        last = min(first + batches_per_shard, len(bounds) - 1)
+        path = out_dir / f"shard-{s:05d}.parquet"
+        tmp = path.with_name(path.name + ".tmp")
+        with pq.ParquetWriter(tmp, table.schema, **PARQUET_OPTS) as writer:
+            for b in range(first, last):
+                writer.write_table(table.slice(bounds[b], bounds[b + 1] - bounds[b]))
+        os.replace(tmp, path)
+        records.append(
+            {"path": path.name, "batches": last - first, "rows": bounds[last] - bounds[first],
+             "sha256": sha256(path)}
+        )
+    return records
+
+
+def read_manifest(out_dir: Path) -> dict:
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest; the shards there are incomplete or absent")
+    return json.loads(path.read_text())
+
+
+def iter_batches(shard_dir: Path, start: int = 0) -> Iterator[tuple[int, pa.Table]]:
+    """Yield (batch number, rows) in order, from batch ``start`` (a resume point) on."""
+    manifest = read_manifest(shard_dir)
+    b = 0
+    for rec in manifest["files"]:
+        if b + rec["batches"] <= start:
+            b += rec["batches"]
+            continue
+        pf = pq.ParquetFile(Path(shard_dir) / rec["path"])
+        for g in range(pf.num_row_groups):
+            if b >= start:
+                yield b, pf.read_row_group(g)
+            b += 1

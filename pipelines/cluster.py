@@ -1,0 +1,67 @@
+"""The Dask cluster a run uses: an existing scheduler when given its address, else a LocalCluster."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from curate.config import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Workers:
+    client: object  # distributed.Client
+    n_workers: int
+    torch_threads: int  # per task, so workers x threads never oversubscribe the cores
+
+
+def local_shape(cfg: ClusterConfig, cores: int | None = None) -> tuple[int, int]:
+    """(workers, threads per worker) from the core count: one single-threaded process per pair
+    of cores, so each task's torch/faiss gets the cores of its process without contention."""
+    cores = cores or os.cpu_count() or 1
+    if cfg.n_workers:
+        workers = cfg.n_workers
+    else:
+        workers = max(1, min(cores // 2, 8)) if cores > 2 else cores
+    threads = cfg.threads_per_worker or 1
+    return workers, threads
+
+
+@contextlib.contextmanager
+def connect(cfg: ClusterConfig, quiet: bool = False) -> Iterator[Workers]:
+    from distributed import Client, LocalCluster
+
+    if cfg.scheduler:
+        client = Client(cfg.scheduler)
+        n = len(client.scheduler_info()["workers"])
+        log.info("joined Dask scheduler %s with %d workers", cfg.scheduler, n)
+        try:
+            yield Workers(client, n, max(1, (os.cpu_count() or 1) // max(n, 1)))
+        finally:
+            client.close()
+        return
+    workers, threads = local_shape(cfg)
+    try:
+        import bokeh  # noqa: F401  # the dashboard needs it
+
+        dashboard = ":0"
+    except ImportError:
+        dashboard = None
+    cluster = LocalCluster(
+        n_workers=workers, threads_per_worker=threads, processes=True,
+        dashboard_address=dashboard, silence_logs=logging.ERROR,
+    )
+    client = Client(cluster)
+    if dashboard and not quiet:
+        log.info("Dask dashboard: %s", client.dashboard_link)
+    torch_threads = max(1, (os.cpu_count() or 1) // (workers * threads))
+    try:
+        yield Workers(client, workers, torch_threads)
+    finally:
+        client.close()
+        cluster.close()

@@ -1,0 +1,218 @@
+"""The whole pipeline, top to bottom: read -> embed -> index -> mine -> curate -> train -> evaluate.
+
+Every stage's output lands under ``cfg.output_dir``; partitioned stages are content-addressed so
+a rerun (after a crash, or with a changed later stage) repeats only what changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from curate import dedup, embed, index, mine, shards
+from curate.config import Config, DataConfig
+from curate.curation import build_rows, query_topics, shard_table
+from curate.evaluate import evaluate
+from curate.read import Dataset, read_dataset
+from curate.text import content_hash
+from pipelines.cluster import Workers, connect
+from pipelines.stages import embed_texts, mine_pairs
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _timed(timings: dict, name: str):
+    t0 = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - t0, 3)
+    log.info("%s: %.1fs", name, timings[name])
+
+
+def resolve_data(cfg: Config) -> DataConfig:
+    """``data.path: demo`` -> the generated demo set (written once under the output folder)."""
+    if cfg.data.path != "demo":
+        return cfg.data
+    from curate.synth import write_demo_dataset
+
+    folder = Path(cfg.output_dir) / "demo-data"
+    if not (folder / "corpus.jsonl").is_file():
+        write_demo_dataset(folder, seed=cfg.seed)
+    return dataclasses.replace(cfg.data, path=str(folder))
+
+
+def doc_texts(corpus: pl.DataFrame) -> list[str]:
+    """Title and text joined as BEIR models expect; the title alone is dropped when the text
+    already starts with it (Cranfield repeats it)."""
+    return [
+        t if not ti or t.startswith(ti) else f"{ti} {t}"
+        for ti, t in zip(corpus["title"].to_list(), corpus["text"].to_list())
+    ]
+
+
+def train_pairs(ds: Dataset, cfg: Config) -> pl.DataFrame:
+    """Positive (query, doc) pairs of the train split, sorted; optionally the first N queries."""
+    pairs = ds.qrels[cfg.data.train_split].filter(pl.col("score") > 0).sort("query_id", "doc_id")
+    if cfg.data.max_train_queries:
+        keep = pairs["query_id"].unique(maintain_order=True)[: cfg.data.max_train_queries]
+        pairs = pairs.filter(pl.col("query_id").is_in(keep.implode()))
+    return pairs
+
+
+def pair_blocks(pairs: pl.DataFrame, known: dict[str, list[str]], q_row: dict, d_row: dict,
+                q_vecs: np.ndarray, size: int) -> list[mine.PairBlock]:
+    """Training pairs grouped by query into blocks of ``size`` queries, in integer form."""
+    qids = pairs["query_id"].unique(maintain_order=True).to_list()
+    blocks = []
+    for start in range(0, len(qids), size):
+        ids = qids[start : start + size]
+        local = {q: i for i, q in enumerate(ids)}
+        sub = pairs.filter(pl.col("query_id").is_in(ids))
+        blocks.append(
+            mine.PairBlock(
+                query_ids=ids,
+                query_vecs=q_vecs[[q_row[q] for q in ids]],
+                pair_query=np.array([local[q] for q in sub["query_id"]], dtype=np.int64),
+                pair_pos=np.array([d_row[d] for d in sub["doc_id"]], dtype=np.int64),
+                known=[np.array(sorted(d_row[d] for d in known[q]), dtype=np.int64) for q in ids],
+                pos_ids=sub["doc_id"].to_list(),
+            )
+        )
+    return blocks
+
+
+def run(cfg: Config, quiet: bool = False) -> dict:
+    timings: dict[str, float] = {}
+    out = Path(cfg.output_dir)
+    with _timed(timings, "read"):
+        ds = read_dataset(resolve_data(cfg))  # validation happens before anything is written
+        pairs = train_pairs(ds, cfg)
+        known = {
+            q: g["doc_id"].to_list()
+            for (q,), g in ds.qrels[cfg.data.train_split].filter(pl.col("score") > 0).group_by("query_id")
+        }
+        corpus = dedup.add_text_hash(ds.corpus)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    model_path = embed.resolve_model(cfg.embed.model)
+    model_fp = embed.model_fingerprint(model_path)
+    texts = doc_texts(corpus)
+    with connect(cfg.cluster, quiet) as workers:
+        with _timed(timings, "embed"):
+            doc_ids, doc_vecs = embed_texts(
+                workers, corpus["doc_id"].to_list(), texts, cfg.embed.doc_prefix, model_path,
+                model_fp, cfg.embed, out / "cache" / "docs",
+            )
+            q_ids, q_vecs = embed_texts(
+                workers, ds.queries["query_id"].to_list(), ds.queries["text"].to_list(),
+                cfg.embed.query_prefix, model_path, model_fp, cfg.embed, out / "cache" / "queries",
+            )
+        with _timed(timings, "index"):
+            index_fp = build_index_files(work, corpus, doc_ids, doc_vecs, model_fp, cfg)
+        with _timed(timings, "mine"):
+            q_row = {q: i for i, q in enumerate(q_ids)}
+            d_row = {d: i for i, d in enumerate(doc_ids)}
+            blocks = pair_blocks(pairs, known, q_row, d_row, q_vecs, cfg.mine.query_partition)
+            mined, forbidden, funnel = mine_pairs(workers, blocks, work, index_fp, cfg.index, cfg.mine, cfg.seed)
+        with _timed(timings, "curate"):
+            manifest = curate_stage(cfg, out, corpus, ds, mined, forbidden, funnel, known, q_row, q_vecs, texts)
+        result = {"output_dir": str(out), "shards": str(out / "shards"), "manifest": manifest}
+        if cfg.train.enabled:
+            with _timed(timings, "train"):
+                result["model"] = str(train_stage(cfg, out, model_path))
+        if cfg.eval.enabled and cfg.data.eval_split:
+            with _timed(timings, "evaluate"):
+                result["eval"] = evaluate_stage(cfg, ds, out, workers, model_path, model_fp, texts, result.get("model"))
+    result["timings"] = timings
+    result["docs_per_s"] = round(len(doc_ids) / max(timings["embed"], 1e-9), 1)
+    shards.write_json(out / "report.json", result)
+    return result
+
+
+def build_index_files(work: Path, corpus: pl.DataFrame, doc_ids: list[str], doc_vecs: np.ndarray,
+                      model_fp: str, cfg: Config) -> str:
+    """Index plus the arrays mine tasks memory-map; skipped when the same embeddings are indexed."""
+    import pyarrow as pa
+
+    index_fp = content_hash([model_fp, json.dumps(dataclasses.asdict(cfg.index), sort_keys=True), *doc_ids,
+                             str(doc_vecs.shape), str(float(doc_vecs.sum()))])
+    stamp = work / "index.fingerprint"
+    if stamp.is_file() and stamp.read_text() == index_fp:
+        return index_fp
+    np.save(work / "doc_vecs.npy", doc_vecs)
+    np.save(work / "doc_hash.npy", np.array([int(h[:16], 16) for h in corpus["hash"]], dtype=np.uint64))
+    shards.write_table(work / "doc_ids.parquet", pa.table({"doc_id": doc_ids}))
+    gpu = index.use_gpu(cfg.index.use_gpu)
+    built = index.build_index(doc_vecs, cfg.index, cfg.seed)
+    index.save_index(built, work / "index.faiss")
+    log.info("index on %s", "GPU at search time" if gpu else "CPU")
+    shards.atomic_write_bytes(stamp, index_fp.encode())
+    return index_fp
+
+
+def curate_stage(cfg, out, corpus, ds, mined, forbidden, funnel, known, q_row, q_vecs, texts) -> dict:
+    canon_df = dedup.canonical_ids(corpus)
+    canon = dict(zip(canon_df["doc_id"].to_list(), canon_df["canonical_id"].to_list()))
+    mined_df = pl.from_arrow(mined)
+    train_q = mined_df["query_id"].unique(maintain_order=True).to_list()
+    topic_of = query_topics(train_q, q_vecs[[q_row[q] for q in train_q]], cfg.batch, cfg.seed)
+    rows_df, rows, stats = build_rows(mined_df, known, canon, topic_of)
+    doc_text = dict(zip(corpus["doc_id"].to_list(), texts))
+    query_text = dict(zip(ds.queries["query_id"].to_list(), ds.queries["text"].to_list()))
+    table, batch_stats = shard_table(rows_df, rows, cfg.batch, cfg.seed, doc_text, query_text)
+    shard_dir = out / "shards"
+    files = shards.write_shards(table, shard_dir, cfg.batch.batches_per_shard)
+    shards.write_table(shard_dir / "forbidden.parquet", forbidden.sort_by([("query_id", "ascending"), ("doc_id", "ascending")]))
+    manifest = {
+        "format": "curate-shards/1",
+        "seed": cfg.seed,
+        "config": cfg.to_dict(),
+        "counts": {
+            "docs": corpus.height,
+            "duplicate_docs": int((canon_df["doc_id"] != canon_df["canonical_id"]).sum()),
+            "queries": ds.queries.height,
+            "train_pairs": mined_df.height,
+            "rows": table.num_rows,
+            "topics": len(set(topic_of.values())),
+            "forbidden_pairs": forbidden.num_rows,
+            **ds.stats,
+            **stats,
+            **batch_stats,
+        },
+        "funnel": dict(sorted(funnel.items())),
+        "files": files,
+        "forbidden": {"path": "forbidden.parquet", "sha256": shards.sha256(shard_dir / "forbidden.parquet")},
+    }
+    shards.write_json(shard_dir / shards.MANIFEST, manifest)  # last: marks the shards complete
+    return {k: manifest[k] for k in ("counts", "funnel")}
+
+
+def train_stage(cfg: Config, out: Path, model_path: Path) -> Path:
+    from train.train import train
+
+    return train(out / "shards", out / "model", model_path, cfg.train, cfg.embed, cfg.seed)
+
+
+def evaluate_stage(cfg, ds, out, workers: Workers, base_path, base_fp, texts, trained) -> dict:
+    """Base model and trained model side by side on the held-out split."""
+    qrels = ds.qrels[cfg.data.eval_split]
+    qids = sorted(qrels["query_id"].unique().to_list())[: cfg.eval.max_queries]
+    qtext = dict(zip(ds.queries["query_id"].to_list(), ds.queries["text"].to_list()))
+    doc_ids = ds.corpus["doc_id"].to_list()
+    results = {}
+    for name, path in [("base", base_path), ("trained", trained)]:
+        if path is None:
+            continue
+        fp = base_fp if name == "base" else embed.model_fingerprint(Path(path))
+        _, dv = embed_texts(workers, doc_ids, texts, cfg.embed.doc_prefix, Path(path), fp, cfg.embed, out / "cache" / "docs")
+        _, qv = embed_texts(workers, qids, [qtext[q] for q in qids], cfg.embed.query_prefix, Path(path), fp, cfg.embed, out / "cache" / "queries")
+        results[name] = evaluate(qids, qv, doc_ids, dv, qrels)
+        log.info("%s: %s", name, results[name])
+    return results

@@ -1,0 +1,208 @@
+"""A compact trainer for embedding models on curate's shards, read top to bottom.
+
+Each step takes one batch (one Parquet row group) in shard order and minimises masked InfoNCE
+over [the batch's positives + all of its mined negatives]: for query i, a column is removed from
+the softmax denominator when its document is a known positive of i (other than i's own positive),
+was rejected for i as a likely false negative while mining (forbidden pairs), or repeats an
+earlier column. With ``chunk_size`` > 0 the batch is embedded with GradCache, so the batch size is
+bounded by the loss, not by activation memory.
+
+Checkpoints hold model, optimizer, scheduler, step and RNG states; a rerun resumes from the last
+one and continues with exactly the batch that would have come next.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from curate.config import EmbedConfig, TrainConfig
+from curate.embed import pool
+from curate.progress import track
+from curate.shards import iter_batches, read_manifest
+from train.gradcache import gradcache_backward, plain_backward
+from train.loss import LearnableTemperature, build_mask, info_nce, masked_fraction, mi_lower_bound
+
+log = logging.getLogger(__name__)
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def load_forbidden(shard_dir: Path) -> dict[str, set[str]]:
+    """query_id -> doc ids rejected for it as likely false negatives while mining."""
+    path = shard_dir / "forbidden.parquet"
+    if not path.is_file():
+        return {}
+    out: dict[str, set[str]] = {}
+    for q, d in pl.read_parquet(path).select("query_id", "doc_id").iter_rows():
+        out.setdefault(q, set()).add(d)
+    return out
+
+
+def batch_columns(rows: pl.DataFrame, forbidden: dict[str, set[str]]):
+    """-> (query texts [B], doc texts [C], doc ids [C], per-row ids to mask). Columns are the B
+    positives in row order, then every row's negatives in row order."""
+    col_ids = rows["pos_id"].to_list() + [d for ids in rows["neg_ids"] for d in ids]
+    col_text = rows["pos"].to_list() + [t for ts in rows["negs"] for t in ts]
+    masked = [
+        sorted(set(kp) | forbidden.get(q, set()))
+        for q, kp in zip(rows["query_id"].to_list(), rows["known_pos_ids"].to_list())
+    ]
+    return rows["query"].to_list(), col_text, col_ids, masked
+
+
+# --- model --------------------------------------------------------------------------------
+
+
+def encoder(model, pooling: str = "mean"):
+    def encode(inputs: dict) -> torch.Tensor:
+        hidden = model(**inputs).last_hidden_state  # [n, L, D]
+        return pool(hidden, inputs["attention_mask"], pooling)  # [n, D] unit vectors
+
+    return encode
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:  # linear warmup, then linear decay to 0
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+# --- checkpoints --------------------------------------------------------------------------
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, temp) -> None:
+    """Written to a temp folder and renamed, so a crash never leaves a half checkpoint."""
+    final = ckpt_dir / f"step-{step:08d}"
+    tmp = ckpt_dir / f".step-{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {
+        "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
+        "sched": sched.state_dict(), "rng": torch.get_rng_state(),
+        "temp": temp.state_dict() if isinstance(temp, torch.nn.Module) else None,
+    }
+    torch.save(state, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(ckpt_dir.glob("step-*"))[:-2]:  # keep the last two
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    done = sorted(ckpt_dir.glob("step-*"))
+    return done[-1] if done else None
+
+
+def save_model(model, tokenizer, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+# --- the loop -----------------------------------------------------------------------------
+
+
+def train(
+    shard_dir: Path, out_dir: Path, model_path: Path, cfg: TrainConfig, embed_cfg: EmbedConfig,
+    seed: int = 0,
+) -> Path:
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(os.cpu_count() or 1)
+    out_dir, shard_dir = Path(out_dir), Path(shard_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    kw = {"local_files_only": True, "trust_remote_code": embed_cfg.trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path), **kw)
+    model = AutoModel.from_pretrained(str(model_path), **kw)
+    model.train()
+    n_batches = sum(f["batches"] for f in read_manifest(shard_dir)["files"])
+    total = min(cfg.max_steps or math.inf, cfg.epochs * n_batches)
+    forbidden = load_forbidden(shard_dir)
+
+    temp = LearnableTemperature(cfg.temperature) if cfg.learn_temperature else cfg.temperature
+    params = list(model.parameters()) + (list(temp.parameters()) if cfg.learn_temperature else [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, int(total)))
+
+    step = 0
+    if (ckpt := latest_checkpoint(ckpt_dir)) is not None:
+        state = torch.load(ckpt / "state.pt", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["rng"])
+        if state["temp"] is not None:
+            temp.load_state_dict(state["temp"])
+        step = state["step"]
+        log.info("resumed from %s at step %d", ckpt.name, step)
+
+    tok = lambda texts: tokenizer(  # noqa: E731
+        texts, padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt"
+    )
+    encode = encoder(model)
+    backward = gradcache_backward if cfg.chunk_size else plain_backward
+    log_path = out_dir / "train_log.jsonl"
+    bar = track(range(step, int(total)), total=int(total), desc="train")
+    batches = _batch_stream(shard_dir, step, n_batches)
+    for step in bar:
+        rows = pl.from_arrow(next(batches))
+        t0 = time.perf_counter()
+        queries, docs, col_ids, masked = batch_columns(rows, forbidden)
+        mask = build_mask(col_ids, masked, len(queries))  # [B, C]
+
+        def loss_fn(q, d):
+            t = temp() if callable(temp) else temp
+            return info_nce(q, d, mask, t, symmetric=cfg.symmetric)
+
+        loss = backward(encode, encode, tok(queries), tok(docs), loss_fn, cfg.chunk_size)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+        n_cols = float((~mask).sum(1).float().mean())
+        rec = {
+            "step": step + 1, "loss": round(float(loss), 5),
+            "mi_bound": round(mi_lower_bound(loss, n_cols), 5),
+            "temperature": round(float(temp() if callable(temp) else temp), 5),
+            "masked_fraction": round(masked_fraction(mask), 5),
+            "rows": len(queries), "columns": len(docs),
+            "examples_per_s": round(len(queries) / (time.perf_counter() - t0), 2),
+            "lr": sched.get_last_lr()[0],
+        }
+        with open(log_path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        if (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(ckpt_dir, step + 1, model, opt, sched, temp)
+    save_checkpoint(ckpt_dir, int(total), model, opt, sched, temp)
+    final = out_dir / "final"
+    model.eval()
+    save_model(model, tokenizer, final)
+    return final
+
+
+def _batch_stream(shard_dir: Path, step: int, n_batches: int):
+    """Batches in shard order, epoch after epoch, starting at global step ``step``."""
+    start = step % n_batches
+    while True:
+        for _, table in iter_batches(shard_dir, start):
+            yield table
+        start = 0
