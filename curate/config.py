@@ -99,6 +99,14 @@ class MineConfig:
 
 
 @dataclass(frozen=True)
+class DedupConfig:
+    # Exact duplicates (normalised text) are always merged. Semantic (SemDeDup): also merge docs
+    # whose embeddings' cosine exceeds this; None turns it off.
+    semantic_threshold: float | None = field(default=None, metadata=_range(0.0, 1.0))
+    clusters: int = field(default=0, metadata=_range(0))  # k-means clusters; 0: N / 1000
+
+
+@dataclass(frozen=True)
 class BatchConfig:
     batch_size: int = field(default=32, metadata=_range(2, 65536))
     # Share of each batch drawn from one topic cluster; the rest is drawn from all topics.
@@ -145,11 +153,13 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class Config:
     output_dir: str = "runs/demo"
+    cache_dir: str | None = None  # embeddings cache; None: <output_dir>/cache
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     mine: MineConfig = field(default_factory=MineConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

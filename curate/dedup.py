@@ -1,7 +1,10 @@
-"""Exact deduplication: documents with the same normalised text become one canonical id."""
+"""Deduplication: documents with the same normalised text (exact) or embeddings above a cosine
+threshold (semantic, SemDeDup-style) become one canonical id everywhere."""
 
 from __future__ import annotations
 
+import faiss
+import numpy as np
 import polars as pl
 
 from curate.text import text_hash
@@ -31,3 +34,50 @@ def remap(ids: list[str], canon: dict[str, str]) -> list[str]:
             seen.add(c)
             out.append(c)
     return out
+
+
+def semantic_duplicates(
+    doc_ids: list[str], vecs: np.ndarray, threshold: float, n_clusters: int = 0, seed: int = 0
+) -> list[tuple[str, str, float]]:
+    """SemDeDup (Abbas et al. 2023): k-means the unit vectors, then within each cluster link pairs
+    whose cosine exceeds ``threshold``. -> (doc_id, canonical_id, cosine) for every merged doc;
+    the canonical id of a linked group is its smallest id.
+
+    Comparing only within a cluster keeps the cost near N x cluster size instead of N^2."""
+    n = len(doc_ids)
+    k = n_clusters or max(1, round(n / 1000))
+    if k > 1:
+        km = faiss.Kmeans(vecs.shape[1], k, niter=20, seed=seed, spherical=True, verbose=False)
+        km.cp.min_points_per_centroid = 1
+        x = np.ascontiguousarray(vecs, dtype=np.float32)
+        km.train(x)
+        labels = km.index.search(x, 1)[1][:, 0]
+    else:
+        labels = np.zeros(n, dtype=np.int64)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    best: dict[int, float] = {}
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        sims = vecs[members] @ vecs[members].T  # [m, m]
+        for a, b in zip(*np.nonzero(np.triu(sims > threshold, k=1))):
+            i, j = int(members[a]), int(members[b])
+            parent[find(i)] = find(j)
+            best[i] = max(best.get(i, -1.0), float(sims[a, b]))
+            best[j] = max(best.get(j, -1.0), float(sims[a, b]))
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(find(i), []).append(i)
+    merged = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        canon = min(doc_ids[i] for i in members)
+        merged += [(doc_ids[i], canon, round(best[i], 4)) for i in members if doc_ids[i] != canon]
+    return sorted(merged)

@@ -73,13 +73,18 @@ def evaluate_run(
     }
     judged = {q: rels for q, rels in judged.items() if rels}
     if len(judged) < len(qrels):
-        log.info("%d of %d queries have no relevant doc; left out", len(qrels) - len(judged), len(qrels))
+        log.info(
+            "%d of %d queries have no relevant doc; left out", len(qrels) - len(judged), len(qrels)
+        )
     missing = sum(q not in run for q in judged)
     if missing:
         # Counted as 0 rather than dropped so a run that skips hard queries cannot look better.
-        log.warning("%d of %d judged queries are missing from the run; scored 0", missing, len(judged))
+        log.warning(
+            "%d of %d judged queries are missing from the run; scored 0", missing, len(judged)
+        )
     scores = {
-        q: query_metrics(run.get(q, ()), rels, k_ndcg, k_recall, k_mrr) for q, rels in judged.items()
+        q: query_metrics(run.get(q, ()), rels, k_ndcg, k_recall, k_mrr)
+        for q, rels in judged.items()
     }
     if per_query:
         return scores

@@ -55,6 +55,7 @@ class MineResult:
     neg_scores: list[np.ndarray]
     neg_ranks: list[np.ndarray]
     forbidden: list[tuple[int, int, str]] = field(default_factory=list)  # (query row, doc, reason)
+    forbidden_scores: list[float] = field(default_factory=list)  # query-doc score of each
     funnel: Counter = field(default_factory=Counter)
 
 
@@ -80,10 +81,11 @@ def mine_block(
         cand, cand_score = cands[qi][valid], scores[qi][valid]
         ranks = np.flatnonzero(valid).astype(np.int32)
         reason = _reasons(cand, cand_score, ranks, known, pos_score, doc_vecs, doc_hash, cfg)
-        for c, r in zip(cand, reason):
+        for c, r, s in zip(cand, reason, cand_score):
             if r in FALSE_NEGATIVE_REASONS and (qi, int(c)) not in seen_forbidden:
                 seen_forbidden.add((qi, int(c)))
                 res.forbidden.append((qi, int(c), r))
+                res.forbidden_scores.append(float(s))
         eligible = np.flatnonzero(reason == "")
         chosen = _select(eligible, cfg, stable_seed(seed, block.query_ids[qi], block.pos_ids[p]))
         reason[np.setdiff1d(eligible, chosen)] = "not_selected"

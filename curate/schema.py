@@ -29,7 +29,14 @@ MINED = pa.schema(
 )
 
 # Candidates rejected as likely false negatives; the trainer's mask obeys them.
-FORBIDDEN = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("reason", pa.string())])
+FORBIDDEN = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("doc_id", pa.string()),
+        ("reason", pa.string()),
+        ("score", pa.float32()),  # the query-candidate score at mining time
+    ]
+)
 
 # Stage 5: the shards handed to trainers. Rows of one batch are contiguous and one row group.
 SHARD = pa.schema(

@@ -112,8 +112,10 @@ class Doc:
 
 def _pseudo_word(rng: np.random.Generator, syllables: int) -> str:
     parts = [_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))]]
-    parts += [_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))]
-              for _ in range(syllables - 1)]
+    parts += [
+        _ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))]
+        for _ in range(syllables - 1)
+    ]
     return "".join(parts) + _CODAS[rng.integers(len(_CODAS))]
 
 
@@ -181,7 +183,9 @@ def _make_docs(
 
 def _queries_per_doc(rng: np.random.Generator, n: int) -> list[int]:
     """0-3 queries per document, in a fixed proportion: a tenth get 3, a quarter 2, half 1."""
-    counts = [3 if i < n / 10 else 2 if i < n * 0.35 else 1 if i < n * 0.85 else 0 for i in range(n)]
+    counts = [
+        3 if i < n / 10 else 2 if i < n * 0.35 else 1 if i < n * 0.85 else 0 for i in range(n)
+    ]
     return [counts[i] for i in rng.permutation(n)]
 
 
@@ -189,6 +193,43 @@ def _query_text(rng: np.random.Generator, doc: Doc, alias: dict[str, str]) -> st
     a, b = _pick(rng, doc.words, 2)
     template = QUERY_TEMPLATES[rng.integers(len(QUERY_TEMPLATES))]
     return template.format(e=doc.entity, a=alias[a], b=alias[b])
+
+
+def _make_queries(
+    rng: np.random.Generator,
+    docs: list[Doc],
+    n_topics: int,
+    test_fraction: float,
+    alias: dict[str, str],
+) -> list[tuple[str, str, dict[int, int]]]:
+    """(split, text, {doc index: score}) per query. Test queries are about primaries no train
+    query points to, so evaluation measures transfer, not memorised documents."""
+    copies: dict[int, list[int]] = {}
+    for i, d in enumerate(docs):
+        if d.source is not None:
+            copies.setdefault(d.source, []).append(i)
+    seen: set[str] = set()
+    queries: list[tuple[str, str, dict[int, int]]] = []
+    for t in range(n_topics):
+        primaries = [i for i, d in enumerate(docs) if d.topic == t and d.source is None]
+        n_test = max(1, round(test_fraction * len(primaries)))
+        order = [primaries[i] for i in rng.permutation(len(primaries))]
+        plan = [("test", i, 1) for i in order[:n_test]]
+        counts = _queries_per_doc(rng, len(order) - n_test)
+        plan += [("train", i, c) for i, c in zip(order[n_test:], counts, strict=True)]
+        for split, i, count in plan:
+            for _ in range(count):
+                text = _query_text(rng, docs[i], alias)
+                while text in seen:
+                    text = _query_text(rng, docs[i], alias)
+                seen.add(text)
+                rels = {i: 2}
+                for j in copies.get(i, []):
+                    # Train labels miss half the paraphrases, as crowd labels do in real sets.
+                    if docs[j].exact or split == "test" or rng.random() < 0.5:
+                        rels[j] = 2 if docs[j].exact else 1
+                queries.append((split, text, rels))
+    return queries
 
 
 def build_demo(
@@ -210,33 +251,7 @@ def build_demo(
     n_entities = max(n_primary, -(-n_topics * n_primary // 4))
     entities = [w.capitalize() for w in _unique_words(rng, n_entities, taken, 2)]
     docs = _make_docs(rng, n_topics, docs_per_topic, entities)
-
-    copies: dict[int, list[int]] = {}
-    for i, d in enumerate(docs):
-        if d.source is not None:
-            copies.setdefault(d.source, []).append(i)
-    seen: set[str] = set()
-    queries: list[tuple[str, str, dict[int, int]]] = []  # (split, text, {doc index: score})
-    for t in range(n_topics):
-        primaries = [i for i, d in enumerate(docs) if d.topic == t and d.source is None]
-        n_test = max(1, round(test_fraction * len(primaries)))
-        order = [primaries[i] for i in rng.permutation(len(primaries))]
-        plan = [("test", i, 1) for i in order[:n_test]]
-        counts = _queries_per_doc(rng, len(order) - n_test)
-        plan += [("train", i, c) for i, c in zip(order[n_test:], counts, strict=True)]
-        for split, i, count in plan:
-            for _ in range(count):
-                text = _query_text(rng, docs[i], alias)
-                while text in seen:
-                    text = _query_text(rng, docs[i], alias)
-                seen.add(text)
-                rels = {i: 2}
-                for j in copies.get(i, []):
-                    # Train labels miss half the paraphrases, as crowd labels do in real sets.
-                    if docs[j].exact or split == "test" or rng.random() < 0.5:
-                        rels[j] = 2 if docs[j].exact else 1
-                queries.append((split, text, rels))
-
+    queries = _make_queries(rng, docs, n_topics, test_fraction, alias)
     doc_ids = [""] * len(docs)
     for new, old in enumerate(rng.permutation(len(docs))):
         doc_ids[old] = f"doc{new:04d}"

@@ -99,6 +99,7 @@ def run(cfg: Config, quiet: bool = False) -> dict:
             for (q,), g in ds.qrels[cfg.data.train_split].filter(pl.col("score") > 0).group_by("query_id")
         }
         corpus = dedup.add_text_hash(ds.corpus)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     model_path = embed.resolve_model(cfg.embed.model)
@@ -108,11 +109,11 @@ def run(cfg: Config, quiet: bool = False) -> dict:
         with _timed(timings, "embed"):
             doc_ids, doc_vecs = embed_texts(
                 workers, corpus["doc_id"].to_list(), texts, cfg.embed.doc_prefix, model_path,
-                model_fp, cfg.embed, out / "cache" / "docs",
+                model_fp, cfg.embed, cache / "docs",
             )
             q_ids, q_vecs = embed_texts(
                 workers, ds.queries["query_id"].to_list(), ds.queries["text"].to_list(),
-                cfg.embed.query_prefix, model_path, model_fp, cfg.embed, out / "cache" / "queries",
+                cfg.embed.query_prefix, model_path, model_fp, cfg.embed, cache / "queries",
             )
         with _timed(timings, "index"):
             index_fp = build_index_files(work, corpus, doc_ids, doc_vecs, model_fp, cfg)
@@ -122,14 +123,15 @@ def run(cfg: Config, quiet: bool = False) -> dict:
             blocks = pair_blocks(pairs, known, q_row, d_row, q_vecs, cfg.mine.query_partition)
             mined, forbidden, funnel = mine_pairs(workers, blocks, work, index_fp, cfg.index, cfg.mine, cfg.seed)
         with _timed(timings, "curate"):
-            manifest = curate_stage(cfg, out, corpus, ds, mined, forbidden, funnel, known, q_row, q_vecs, texts)
+            canon, dedup_info = canonical_map(cfg, corpus, doc_ids, doc_vecs, texts)
+            manifest = curate_stage(cfg, out, canon, dedup_info, corpus, ds, mined, forbidden, funnel, known, q_row, q_vecs, texts)
         result = {"output_dir": str(out), "shards": str(out / "shards"), "manifest": manifest}
         if cfg.train.enabled:
             with _timed(timings, "train"):
                 result["model"] = str(train_stage(cfg, out, model_path))
         if cfg.eval.enabled and cfg.data.eval_split:
             with _timed(timings, "evaluate"):
-                result["eval"] = evaluate_stage(cfg, ds, out, workers, model_path, model_fp, texts, result.get("model"))
+                result["eval"] = evaluate_stage(cfg, ds, cache, workers, model_path, model_fp, texts, result.get("model"))
     result["timings"] = timings
     result["docs_per_s"] = round(len(doc_ids) / max(timings["embed"], 1e-9), 1)
     shards.write_json(out / "report.json", result)
@@ -157,9 +159,30 @@ def build_index_files(work: Path, corpus: pl.DataFrame, doc_ids: list[str], doc_
     return index_fp
 
 
-def curate_stage(cfg, out, corpus, ds, mined, forbidden, funnel, known, q_row, q_vecs, texts) -> dict:
+def canonical_map(cfg: Config, corpus, doc_ids, doc_vecs, texts) -> tuple[dict[str, str], dict]:
+    """doc_id -> canonical id: exact duplicates first, then (optionally) semantic ones among the
+    canonical docs; -> (map, counts and examples for the manifest)."""
     canon_df = dedup.canonical_ids(corpus)
     canon = dict(zip(canon_df["doc_id"].to_list(), canon_df["canonical_id"].to_list()))
+    info = {"exact_duplicates": sum(d != c for d, c in canon.items())}
+    if cfg.dedup.semantic_threshold is not None:
+        keep = [i for i, d in enumerate(doc_ids) if canon[d] == d]
+        merged = dedup.semantic_duplicates(
+            [doc_ids[i] for i in keep], doc_vecs[keep], cfg.dedup.semantic_threshold,
+            cfg.dedup.clusters, cfg.seed,
+        )
+        sem = {d: c for d, c, _ in merged}
+        canon = {d: sem.get(c, c) for d, c in canon.items()}
+        text = dict(zip(doc_ids, texts))
+        info["semantic_duplicates"] = len(merged)
+        info["semantic_examples"] = [
+            {"doc_id": d, "canonical_id": c, "cosine": s, "doc": text[d][:200], "canonical": text[c][:200]}
+            for d, c, s in merged[:10]
+        ]
+    return canon, info
+
+
+def curate_stage(cfg, out, canon, dedup_info, corpus, ds, mined, forbidden, funnel, known, q_row, q_vecs, texts) -> dict:
     mined_df = pl.from_arrow(mined)
     train_q = mined_df["query_id"].unique(maintain_order=True).to_list()
     topic_of = query_topics(train_q, q_vecs[[q_row[q] for q in train_q]], cfg.batch, cfg.seed)
@@ -169,14 +192,16 @@ def curate_stage(cfg, out, corpus, ds, mined, forbidden, funnel, known, q_row, q
     table, batch_stats = shard_table(rows_df, rows, cfg.batch, cfg.seed, doc_text, query_text)
     shard_dir = out / "shards"
     files = shards.write_shards(table, shard_dir, cfg.batch.batches_per_shard)
-    shards.write_table(shard_dir / "forbidden.parquet", forbidden.sort_by([("query_id", "ascending"), ("doc_id", "ascending")]))
+    # Beside the shard folder, not in it: the folder must load as one table (datasets, polars).
+    forbidden_path = out / "forbidden.parquet"
+    shards.write_table(forbidden_path, forbidden.sort_by([("query_id", "ascending"), ("doc_id", "ascending")]))
     manifest = {
         "format": "curate-shards/1",
         "seed": cfg.seed,
         "config": cfg.to_dict(),
         "counts": {
             "docs": corpus.height,
-            "duplicate_docs": int((canon_df["doc_id"] != canon_df["canonical_id"]).sum()),
+            "duplicate_docs": sum(d != c for d, c in canon.items()),
             "queries": ds.queries.height,
             "train_pairs": mined_df.height,
             "rows": table.num_rows,
@@ -187,8 +212,9 @@ def curate_stage(cfg, out, corpus, ds, mined, forbidden, funnel, known, q_row, q
             **batch_stats,
         },
         "funnel": dict(sorted(funnel.items())),
+        "dedup": dedup_info,
         "files": files,
-        "forbidden": {"path": "forbidden.parquet", "sha256": shards.sha256(shard_dir / "forbidden.parquet")},
+        "forbidden": {"path": "../forbidden.parquet", "sha256": shards.sha256(forbidden_path)},
     }
     shards.write_json(shard_dir / shards.MANIFEST, manifest)  # last: marks the shards complete
     return {k: manifest[k] for k in ("counts", "funnel")}
@@ -200,7 +226,7 @@ def train_stage(cfg: Config, out: Path, model_path: Path) -> Path:
     return train(out / "shards", out / "model", model_path, cfg.train, cfg.embed, cfg.seed)
 
 
-def evaluate_stage(cfg, ds, out, workers: Workers, base_path, base_fp, texts, trained) -> dict:
+def evaluate_stage(cfg, ds, cache: Path, workers: Workers, base_path, base_fp, texts, trained) -> dict:
     """Base model and trained model side by side on the held-out split."""
     qrels = ds.qrels[cfg.data.eval_split]
     qids = sorted(qrels["query_id"].unique().to_list())[: cfg.eval.max_queries]
@@ -211,8 +237,8 @@ def evaluate_stage(cfg, ds, out, workers: Workers, base_path, base_fp, texts, tr
         if path is None:
             continue
         fp = base_fp if name == "base" else embed.model_fingerprint(Path(path))
-        _, dv = embed_texts(workers, doc_ids, texts, cfg.embed.doc_prefix, Path(path), fp, cfg.embed, out / "cache" / "docs")
-        _, qv = embed_texts(workers, qids, [qtext[q] for q in qids], cfg.embed.query_prefix, Path(path), fp, cfg.embed, out / "cache" / "queries")
+        _, dv = embed_texts(workers, doc_ids, texts, cfg.embed.doc_prefix, Path(path), fp, cfg.embed, cache / "docs")
+        _, qv = embed_texts(workers, qids, [qtext[q] for q in qids], cfg.embed.query_prefix, Path(path), fp, cfg.embed, cache / "queries")
         results[name] = evaluate(qids, qv, doc_ids, dv, qrels)
         log.info("%s: %s", name, results[name])
     return results

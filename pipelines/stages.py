@@ -100,6 +100,7 @@ def _mine_task(
             "query_id": [block.query_ids[q] for q, _, _ in res.forbidden],
             "doc_id": [doc_ids[d] for _, d, _ in res.forbidden],
             "reason": [r for _, _, r in res.forbidden],
+            "score": pa.array(res.forbidden_scores, pa.float32()),
         },
         schema=schema.FORBIDDEN,
     )

