@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 from collections.abc import Iterator
@@ -46,19 +47,17 @@ def connect(cfg: ClusterConfig, quiet: bool = False) -> Iterator[Workers]:
             client.close()
         return
     workers, threads = local_shape(cfg)
-    try:
-        import bokeh  # noqa: F401  # the dashboard needs it
-
-        dashboard = ":0"
-    except ImportError:
-        dashboard = None
+    # ":0": a free port, so parallel runs never fight over 8787.
     cluster = LocalCluster(
         n_workers=workers, threads_per_worker=threads, processes=True,
-        dashboard_address=dashboard, silence_logs=logging.ERROR,
+        dashboard_address=":0", silence_logs=logging.ERROR,
     )
     client = Client(cluster)
-    if dashboard and not quiet:
-        log.info("Dask dashboard: %s", client.dashboard_link)
+    if not quiet:
+        if importlib.util.find_spec("bokeh"):
+            log.info("Dask dashboard: %s", client.dashboard_link)
+        else:
+            log.info("Dask dashboard off (pip install bokeh to get it)")
     torch_threads = max(1, (os.cpu_count() or 1) // (workers * threads))
     try:
         yield Workers(client, workers, torch_threads)

@@ -230,6 +230,7 @@ def evaluate_stage(cfg, ds, cache: Path, workers: Workers, base_path, base_fp, t
     """Base model and trained model side by side on the held-out split."""
     qrels = ds.qrels[cfg.data.eval_split]
     qids = sorted(qrels["query_id"].unique().to_list())[: cfg.eval.max_queries]
+    qrels = qrels.filter(pl.col("query_id").is_in(qids))
     qtext = dict(zip(ds.queries["query_id"].to_list(), ds.queries["text"].to_list()))
     doc_ids = ds.corpus["doc_id"].to_list()
     results = {}

@@ -37,19 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = [
-    "LearnableTemperature",
-    "build_mask",
-    "distill_kl",
-    "distill_mse",
-    "info_nce",
-    "masked_fraction",
-    "mean_candidates",
-    "mi_lower_bound",
-    "multi_positive_masks",
-    "positive_mask",
-]
-
 
 def _columns_by_doc(col_doc_ids: Sequence[str]) -> dict[str, list[int]]:
     cols: dict[str, list[int]] = defaultdict(list)
@@ -155,11 +142,14 @@ def info_nce(
     if mask is not None:
         if mask.shape != logits.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} != logits {tuple(logits.shape)}")
-        if positives is not None and (mask & positives).any():
+        mask = mask.to(logits.device)  # build_mask returns CPU tensors
+        if positives is not None and (mask & positives.to(mask.device)).any():
             raise ValueError("mask contains positive columns; use multi_positive_masks")
         logits = logits.masked_fill(mask, -math.inf)
-    if positives is not None and positives.shape != logits.shape:
-        raise ValueError(f"positives shape {tuple(positives.shape)} != {tuple(logits.shape)}")
+    if positives is not None:
+        if positives.shape != logits.shape:
+            raise ValueError(f"positives shape {tuple(positives.shape)} != {tuple(logits.shape)}")
+        positives = positives.to(logits.device)
     loss = _row_losses(logits, positives, decoupled).mean()
     if not symmetric:
         return loss

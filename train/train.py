@@ -91,8 +91,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, temp) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {
-        "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
-        "sched": sched.state_dict(), "rng": torch.get_rng_state(),
+        "step": step,
+        "model": model.state_dict(),
+        "opt": opt.state_dict(),
+        "sched": sched.state_dict(),
+        "rng": torch.get_rng_state(),
         "temp": temp.state_dict() if isinstance(temp, torch.nn.Module) else None,
     }
     torch.save(state, tmp / "state.pt")
@@ -107,11 +110,27 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_model(model, tokenizer, path: Path) -> None:
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+            "1_Pooling", "2_Normalize")
+
+
+def save_model(model, source: Path, path: Path) -> None:
+    """save_pretrained layout plus the base's sentence-transformers files, so the result loads
+    in transformers and sentence-transformers alike. The tokenizer is re-read from ``source``:
+    one that has tokenized with padding/truncation serialises that state, which would make two
+    saves of the same weights differ."""
+    from transformers import AutoTokenizer
+
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(str(source), local_files_only=True).save_pretrained(tmp)
+    for name in ST_FILES:
+        src = Path(source) / name
+        if src.is_dir():
+            shutil.copytree(src, tmp / name)
+        elif src.is_file():
+            shutil.copy2(src, tmp / name)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 
@@ -120,7 +139,11 @@ def save_model(model, tokenizer, path: Path) -> None:
 
 
 def train(
-    shard_dir: Path, out_dir: Path, model_path: Path, cfg: TrainConfig, embed_cfg: EmbedConfig,
+    shard_dir: Path,
+    out_dir: Path,
+    model_path: Path,
+    cfg: TrainConfig,
+    embed_cfg: EmbedConfig,
     seed: int = 0,
 ) -> Path:
     from transformers import AutoModel, AutoTokenizer
@@ -181,11 +204,13 @@ def train(
 
         n_cols = float((~mask).sum(1).float().mean())
         rec = {
-            "step": step + 1, "loss": round(float(loss), 5),
+            "step": step + 1,
+            "loss": round(float(loss), 5),
             "mi_bound": round(mi_lower_bound(loss, n_cols), 5),
             "temperature": round(float(temp() if callable(temp) else temp), 5),
             "masked_fraction": round(masked_fraction(mask), 5),
-            "rows": len(queries), "columns": len(docs),
+            "rows": len(queries),
+            "columns": len(docs),
             "examples_per_s": round(len(queries) / (time.perf_counter() - t0), 2),
             "lr": sched.get_last_lr()[0],
         }
@@ -196,7 +221,7 @@ def train(
     save_checkpoint(ckpt_dir, int(total), model, opt, sched, temp)
     final = out_dir / "final"
     model.eval()
-    save_model(model, tokenizer, final)
+    save_model(model, Path(model_path), final)
     return final
 
 

@@ -1,0 +1,219 @@
+"""Batch composition (curate.batches), exact dedup (curate.dedup) and topics (curate.topics)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import polars as pl
+import pytest
+
+from curate.batches import Row, compose
+from curate.config import BatchConfig
+from curate.dedup import add_text_hash, canonical_ids, remap, semantic_duplicates
+from curate.topics import cluster, n_topics_for
+
+
+def row(pos: str, negs: str = "", known: str = "", topic: int = 0) -> Row:
+    """Row("a", "x y", "a b") -> pos a, negatives (x, y), known positives {a, b} (pos always)."""
+    return Row(pos, tuple(negs.split()), frozenset(known.split()) | {pos}, topic)
+
+
+def overlapping_rows() -> list[Row]:
+    """40 rows over 30 docs: positives repeat, negatives overlap other rows' positives and
+    negatives, queries with two positives share their known set; 3 topics."""
+    docs = [f"d{i:02d}" for i in range(30)]
+    rows = []
+    for i in range(40):
+        pos = docs[i % 30]
+        negs = " ".join(docs[(i * 7 + j) % 30] for j in (1, 2, 3) if docs[(i * 7 + j) % 30] != pos)
+        other = docs[(i + 15) % 30] if i % 4 == 0 else ""
+        rows.append(row(pos, negs, other, topic=i % 3))
+    return rows
+
+
+def check_no_repeat_in_batch(rows, batches, negs):
+    for b in batches:
+        docs = [d for i in b for d in (rows[i].pos, *negs[i])]
+        assert len(docs) == len(set(docs)), f"doc repeated in batch {b}: {Counter(docs)}"
+
+
+@pytest.mark.parametrize("mode", ["mask", "separate"])
+def test_every_row_once_and_no_doc_twice_in_a_batch(mode):
+    rows = overlapping_rows()
+    cfg = BatchConfig(batch_size=8, same_topic=0.5, shared_positives=mode)
+    batches, negs, stats = compose(rows, cfg, seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(40))
+    assert all(1 <= len(b) <= 8 for b in batches)
+    assert sorted(negs) == list(range(40))
+    for i in range(40):  # kept negatives are a subsequence of the row's negatives
+        it = iter(rows[i].negs)
+        assert all(n in it for n in negs[i])
+    check_no_repeat_in_batch(rows, batches, negs)
+    dropped = sum(len(r.negs) for r in rows) - sum(len(n) for n in negs.values())
+    assert stats["neg_dropped_in_batch"] == dropped
+    assert stats["batches"] == len(batches)
+
+
+def test_row_whose_positive_is_in_the_batch_goes_elsewhere():
+    # Two queries with the same positive "a": never in one batch, even with room for both.
+    rows = [row("a", "x"), row("a", "y")]
+    batches, negs, stats = compose(rows, BatchConfig(batch_size=4, same_topic=1.0), seed=0)
+    assert sorted(map(sorted, batches)) == [[0], [1]]
+    assert negs == {0: ("x",), 1: ("y",)}
+    assert stats["neg_dropped_in_batch"] == 0
+
+
+def test_positive_that_is_another_rows_negative():
+    # Row 1's positive b is row 0's negative. Either order is fine, but never both b's in a batch:
+    # row 0 first -> b is taken, row 1 waits; row 1 first -> row 0 joins and loses negative b.
+    rows = [row("a", "b x"), row("b", "y")]
+    n_batches = set()
+    for seed in range(6):
+        batches, negs, stats = compose(rows, BatchConfig(batch_size=2, same_topic=1.0), seed)
+        n_batches.add(len(batches))
+        if len(batches) == 1:
+            assert batches == [[1, 0]]
+            assert negs == {1: ("y",), 0: ("x",)}
+            assert stats["neg_dropped_in_batch"] == 1
+        else:
+            assert batches == [[0], [1]]
+            assert negs == {0: ("b", "x"), 1: ("y",)}
+            assert stats["neg_dropped_in_batch"] == 0
+    assert n_batches == {1, 2}  # both orders occur among these seeds
+
+
+def test_negative_already_in_batch_dropped_from_later_row():
+    rows = [row("a", "x y"), row("b", "x z")]
+    batches, negs, stats = compose(rows, BatchConfig(batch_size=2, same_topic=1.0), seed=0)
+    assert len(batches) == 1
+    first, second = batches[0]
+    assert negs[first] == rows[first].negs  # the first row keeps x
+    assert negs[second] == tuple(n for n in rows[second].negs if n != "x")
+    assert stats["neg_dropped_in_batch"] == 1
+
+
+def collision_rows() -> list[Row]:
+    # Row 0 (query with positives a, b) and row 1 (positive b; c is also known for it).
+    # Together: b is row 0's known positive in row 1's column; a and c (row 0's positive and
+    # negative) are row 1's known positives -> 3 masked (row, doc) pairs.
+    return [row("a", "n1 c", "b"), row("b", "n2", "a c")]
+
+
+def test_shared_positives_mask_keeps_rows_together_and_counts_collisions():
+    batches, negs, stats = compose(collision_rows(), BatchConfig(batch_size=2), seed=0)
+    assert len(batches) == 1 and sorted(batches[0]) == [0, 1]
+    assert negs == {0: ("n1", "c"), 1: ("n2",)}
+    assert stats["masked_pairs"] == 3
+
+
+def test_shared_positives_separate_keeps_rows_apart():
+    cfg = BatchConfig(batch_size=2, shared_positives="separate")
+    batches, negs, stats = compose(collision_rows(), cfg, seed=0)
+    assert sorted(map(sorted, batches)) == [[0], [1]]
+    assert stats["masked_pairs"] == 0
+
+
+def test_separate_never_collides_on_overlapping_rows():
+    rows = overlapping_rows()
+    cfg = BatchConfig(batch_size=8, same_topic=0.5, shared_positives="separate")
+    batches, negs, stats = compose(rows, cfg, seed=3)
+    for b in batches:
+        for i in b:
+            for j in b:
+                if i != j:
+                    assert not rows[i].known & {rows[j].pos, *negs[j]}, (i, j)
+    assert stats["masked_pairs"] == 0
+    # The same rows in mask mode do collide, so the check above is not vacuous.
+    _, _, mask_stats = compose(rows, BatchConfig(batch_size=8, same_topic=0.5), seed=3)
+    assert mask_stats["masked_pairs"] > 0
+
+
+def test_same_seed_same_batches_other_seed_differs():
+    rows = overlapping_rows()
+    cfg = BatchConfig(batch_size=4, same_topic=0.5)
+    a = compose(rows, cfg, seed=0)
+    assert compose(rows, cfg, seed=0) == a
+    assert any(compose(rows, cfg, seed=s)[0] != a[0] for s in range(1, 6))
+
+
+def test_full_topic_share_gives_single_topic_batches():
+    rows = [row(f"p{i}", f"n{i}", topic=i % 2) for i in range(16)]
+    batches, _, _ = compose(rows, BatchConfig(batch_size=4, same_topic=1.0), seed=1)
+    assert len(batches) == 4
+    assert all(len({rows[i].topic for i in b}) == 1 for b in batches)
+
+
+def test_drop_last():
+    rows = [row(f"p{i}", f"n{i}") for i in range(5)]
+    batches, _, stats = compose(rows, BatchConfig(batch_size=2), seed=0)
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert (stats["batches"], stats["full_batches"]) == (3, 2)
+    batches, _, stats = compose(rows, BatchConfig(batch_size=2, drop_last=True), seed=0)
+    assert [len(b) for b in batches] == [2, 2]
+    assert (stats["batches"], stats["full_batches"], stats["rows_dropped_last"]) == (2, 2, 1)
+
+
+# --- dedup ---------------------------------------------------------------------------------
+
+
+def test_canonical_ids_map_text_variants_to_smallest_id():
+    corpus = pl.DataFrame(
+        {
+            "doc_id": ["d9", "d2", "d5", "d7"],
+            "title": ["", "", "", "Hello"],
+            "text": ["Hello, World", "hello   world", "something else", "world"],
+        }
+    )
+    canon = canonical_ids(add_text_hash(corpus))
+    # "Hello world" from title + text collides too: the hash is of title + " " + text.
+    assert canon.rows() == [("d2", "d2"), ("d5", "d5"), ("d7", "d2"), ("d9", "d2")]
+
+
+def test_remap_keeps_first_occurrence():
+    canon = {"d9": "d2", "d7": "d2", "d2": "d2"}
+    assert remap(["d9", "d5", "d2", "d7", "d5", "x"], canon) == ["d2", "d5", "x"]
+    assert remap([], canon) == []
+
+
+def test_semantic_duplicates_links_close_vectors():
+    s = np.sqrt(1 - 0.99**2)
+    vecs = np.array([[0.99, s, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0]], dtype=np.float32)
+    merged = semantic_duplicates(["b", "a", "c", "d"], vecs, threshold=0.98, n_clusters=1)
+    assert merged == [("b", "a", 0.99)]
+    assert semantic_duplicates(["b", "a", "c", "d"], vecs, threshold=0.995, n_clusters=1) == []
+
+
+# --- topics --------------------------------------------------------------------------------
+
+
+def blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """3 tight blobs of 20 unit vectors around e0, e1, e2 in 8 dims; -> (vecs, true blob)."""
+    rng = np.random.default_rng(seed)
+    truth = np.repeat(np.arange(3), 20)
+    x = np.eye(8, dtype=np.float32)[truth] + 0.05 * rng.standard_normal((60, 8)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), truth
+
+
+def test_cluster_finds_separated_blobs_deterministically():
+    vecs, truth = blobs()
+    labels = cluster(vecs, 3, seed=0)
+    assert labels.dtype == np.int32 and labels.shape == (60,)
+    # One label per blob, three different labels.
+    assert [len(set(labels[truth == b])) for b in range(3)] == [1, 1, 1]
+    assert len({labels[0], labels[20], labels[40]}) == 3
+    np.testing.assert_array_equal(cluster(vecs, 3, seed=0), labels)
+
+
+def test_cluster_degenerate_k():
+    vecs, _ = blobs()
+    assert cluster(vecs, 1, seed=0).tolist() == [0] * 60
+    assert cluster(vecs[:3], 3, seed=0).tolist() == [0, 0, 0]
+
+
+def test_n_topics_for():
+    assert n_topics_for(100, 0, 32) == 3  # sqrt 10, but 100 // 32 = 3 fills a batch each
+    assert n_topics_for(10_000, 0, 32) == 100  # sqrt 100 < 312
+    assert n_topics_for(10, 0, 32) == 1  # fewer queries than a batch
+    assert n_topics_for(100, 5, 32) == 5  # requested wins
+    assert n_topics_for(3, 10, 32) == 3  # but never more than the queries

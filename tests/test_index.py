@@ -1,0 +1,106 @@
+"""Index and search checked against brute force: flat, blocked, sharded + merged, IVF at full nprobe."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from curate.config import IndexConfig
+from curate.errors import ConfigError
+from curate.index import build_index, choose_factory, merge_topk, search
+
+FLAT = IndexConfig(factory="Flat")
+
+
+def unit(n: int, dim: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def brute_topk(queries: np.ndarray, docs: np.ndarray, k: int):
+    """Exact top-k by inner product in float64: (scores [Q, k], ids [Q, k])."""
+    s = queries.astype(np.float64) @ docs.astype(np.float64).T  # [Q, N]
+    ids = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, ids, 1), ids
+
+
+def test_flat_search_equals_brute_force():
+    docs, queries = unit(300, 16, 0), unit(25, 16, 1)
+    dist, ids = search(build_index(docs, FLAT), queries, k=10)
+    brute_dist, brute_ids = brute_topk(queries, docs, 10)
+    assert dist.shape == ids.shape == (25, 10)
+    assert dist.dtype == np.float32 and ids.dtype == np.int64
+    np.testing.assert_array_equal(ids, brute_ids)
+    np.testing.assert_allclose(dist, brute_dist, atol=1e-5)
+
+
+def test_k_is_capped_at_index_size():
+    docs, queries = unit(6, 8, 2), unit(3, 8, 3)
+    dist, ids = search(build_index(docs, FLAT), queries, k=50)
+    assert ids.shape == (3, 6)
+    np.testing.assert_array_equal(np.sort(ids, axis=1), np.tile(np.arange(6), (3, 1)))
+
+
+def test_small_query_blocks_equal_one_block():
+    docs, queries = unit(200, 16, 4), unit(23, 16, 5)
+    index = build_index(docs, FLAT)
+    dist1, ids1 = search(index, queries, k=7, block=4096)
+    dist3, ids3 = search(index, queries, k=7, block=3)  # 23 = 7 full blocks + 2 rows
+    np.testing.assert_array_equal(ids1, ids3)
+    np.testing.assert_array_equal(dist1, dist3)
+
+
+@pytest.mark.parametrize("k", [4, 12, 40])  # 12 > the 5-doc and 7-doc shards; 40 > all 32 docs
+def test_merge_of_shards_equals_unsharded_search(k):
+    docs, queries = unit(32, 8, 6), unit(9, 8, 7)
+    sizes = [5, 7, 20]
+    offsets = [0, 5, 12]
+    parts = [
+        search(build_index(docs[o : o + n], FLAT), queries, k=k)
+        for o, n in zip(offsets, sizes, strict=True)
+    ]
+    assert [p[1].shape[1] for p in parts] == [min(k, n) for n in sizes]
+    dist, ids = merge_topk(parts, offsets, k)
+    flat_dist, flat_ids = search(build_index(docs, FLAT), queries, k=k)
+    assert ids.shape == flat_ids.shape == (9, min(k, 32))
+    np.testing.assert_array_equal(ids, flat_ids)
+    np.testing.assert_array_equal(dist, flat_dist)
+
+
+def test_merge_orders_by_score_then_lower_id_and_missing_last():
+    # Shard 0 holds ids 0..1, shard 1 holds ids 10..12 (offset 10); -1 is a missing hit.
+    parts = [
+        (np.array([[0.9, 0.5]], np.float32), np.array([[1, 0]])),
+        (np.array([[0.9, 0.7, 0.0]], np.float32), np.array([[0, 2, -1]])),
+    ]
+    dist, ids = merge_topk(parts, [0, 10], k=5)
+    assert ids.tolist() == [[1, 10, 12, 0, -1]]
+    assert dist.tolist()[0][:4] == pytest.approx([0.9, 0.9, 0.7, 0.5])
+
+
+def test_choose_factory():
+    small = IndexConfig(flat_max=100)
+    assert choose_factory(100, 32, small) == "Flat"
+    # 4 sqrt(200) = 56.6 -> 2^6, raised to the 2^10 floor; PQ m = 32 / 4 = 8.
+    assert choose_factory(101, 32, small) == "IVF1024,PQ8x8"
+    # 4 sqrt(1e6) = 4000 -> 2^12; m = 384 / 4 = 96.
+    assert choose_factory(1_000_000, 384, small) == "IVF4096,PQ96x8"
+    # 768 / 4 = 192 > 96 -> 768 / 8 = 96.
+    assert choose_factory(1_000_000, 768, small) == "IVF4096,PQ96x8"
+    assert choose_factory(5, 32, IndexConfig(factory="HNSW32")) == "HNSW32"
+
+
+def test_ivf_with_all_lists_probed_matches_flat():
+    docs, queries = unit(1000, 16, 8), unit(20, 16, 9)
+    ivf = build_index(docs, IndexConfig(factory="IVF16,Flat", nprobe=16, train_sample=1000))
+    _, ids = search(ivf, queries, k=10)
+    _, flat_ids = search(build_index(docs, FLAT), queries, k=10)
+    recall = np.mean(
+        [len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), flat_ids.tolist(), strict=True)]
+    )
+    assert recall == 1.0
+
+
+def test_bad_factory_raises_config_error():
+    with pytest.raises(ConfigError, match="NotAnIndex"):
+        build_index(unit(10, 8, 0), IndexConfig(factory="NotAnIndex"))
