@@ -83,6 +83,11 @@ class IndexConfig:
     shards: int = field(default=1, metadata=_range(1))
     query_block: int = field(default=4096, metadata=_range(1))
     use_gpu: Literal["auto", "never", "always"] = "auto"
+    # Recall guard (approximate indexes only): recall@top_k against brute force on a sample of
+    # queries; below the floor the run fails or doubles nprobe/efSearch until it holds.
+    recall_floor: float = field(default=0.95, metadata=_range(0.0, 1.0))
+    recall_action: Literal["fail", "raise_nprobe"] = "fail"
+    recall_sample: int = field(default=1000, metadata=_range(1))
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,8 @@ class MineConfig:
     # Drop candidates scoring above max_relative * score(positive) (NV-Retriever TopK-PercPos).
     max_relative: float | None = field(default=0.95, metadata=_range(0.0, 10.0))
     near_dup_threshold: float = field(default=0.98, metadata=_range(-1.0, 1.0))
+    # Jaccard of normalised word 3-grams with a known positive above this -> ngram_duplicate.
+    ngram_threshold: float | None = field(default=0.5, metadata=_range(0.0, 1.0))
     strategy: Literal["top", "random"] = "top"
     query_partition: int = field(default=2048, metadata=_range(1))
 
@@ -135,6 +142,14 @@ class TrainConfig:
     checkpoint_every: int = field(default=50, metadata=_range(1))
     # GradCache chunk size; 0 embeds the whole batch with graph at once.
     chunk_size: int = field(default=0, metadata=_range(0))
+    # standard InfoNCE; decoupled (positive out of the denominator); multi_positive (SupCon: every
+    # known positive present in the batch is a target instead of being masked).
+    loss: Literal["standard", "decoupled", "multi_positive"] = "standard"
+    # Distillation from the shards' scores (pos_score, neg_scores; a teacher's when rescored):
+    # KL between softmaxes over [pos + own negatives], or MSE on the cosine scores.
+    distill: Literal["none", "kl", "mse"] = "none"
+    distill_weight: float = field(default=1.0, metadata=_range(0.0))
+    teacher_temperature: float = field(default=0.05, metadata=_range(1e-4, 100.0))
 
 
 @dataclass(frozen=True)
@@ -151,6 +166,34 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class FnCheckConfig:
+    """Targeted false-negative check: a stronger scorer judges the kept negatives whose miner score
+    is within ``band`` x the positive's; confirmed when teacher(q, neg) >= teacher(q, pos) - margin."""
+
+    scorer: str | None = None  # local model folder (embedder: also the packaged name); None: off
+    kind: Literal["cross_encoder", "embedder"] = "cross_encoder"
+    band: tuple[float, float] = (0.85, 1.0)
+    confirm_margin: float = field(default=0.0, metadata=_range(-1e6, 1e6))
+    action: Literal["drop", "relabel"] = "drop"  # drop: forbidden; relabel: extra known positive
+    max_length: int = field(default=256, metadata=_range(8, 8192))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.band[0] <= self.band[1]:
+            raise ConfigError(
+                f"fncheck.band: {list(self.band)} must be [lo, hi] with 0 <= lo <= hi"
+            )
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Rescore positives and kept negatives with this scorer (shard pos_score/neg_scores)."""
+
+    scorer: str | None = None  # local model folder (embedder: also the packaged name); None: off
+    kind: Literal["cross_encoder", "embedder"] = "cross_encoder"
+    max_length: int = field(default=256, metadata=_range(8, 8192))
+
+
+@dataclass(frozen=True)
 class Config:
     output_dir: str = "runs/demo"
     cache_dir: str | None = None  # embeddings cache; None: <output_dir>/cache
@@ -164,6 +207,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    fncheck: FnCheckConfig = field(default_factory=FnCheckConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -180,6 +225,12 @@ def _check_value(where: str, value: Any, hint: Any, meta: typing.Mapping) -> Any
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _check_value(where, value, inner, meta)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        items = enumerate(zip(value, args, strict=True))
+        return tuple(_check_value(f"{where}[{i}]", v, a, meta) for i, (v, a) in items)
     if origin is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
@@ -197,7 +248,7 @@ def _check_value(where: str, value: Any, hint: Any, meta: typing.Mapping) -> Any
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
     elif hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         value = float(value)
     elif hint is str:

@@ -28,7 +28,9 @@ def choose_factory(n: int, dim: int, cfg: IndexConfig) -> str:
     if n <= cfg.flat_max:
         return "Flat"
     nlist = 1 << max(10, round(math.log2(4 * math.sqrt(n))))
-    m = next(m for m in (dim // 4, dim // 8, dim // 2, dim) if m and dim % m == 0 and m <= 96)
+    # Preferred sub-vector counts, then the largest divisor <= 96 (1024, 1536, 4096 dims need it).
+    prefer = (dim // 4, dim // 8, dim // 2, dim, *range(96, 0, -1))
+    m = next(m for m in prefer if m and dim % m == 0 and m <= 96)
     return f"IVF{nlist},PQ{m}x8"
 
 

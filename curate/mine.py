@@ -6,26 +6,43 @@ reason and are counted (the filter funnel):
   known_positive          any qrels positive of the query (all of them, not only this pair's)
   duplicate_of_positive   same normalised-text hash as one of the query's positives
   near_duplicate          cosine to one of the query's positives above ``near_dup_threshold``
-  above_ceiling           score > max_relative * score(query, positive) (NV-Retriever TopK-PercPos)
+  above_ceiling           score > max_relative * score(query, positive) (NV-Retriever TopK-PercPos);
+                          with several known positives, the lowest-scoring one sets the ceiling,
+                          so a doc suspect for one pair of a query is suspect for all its pairs
+                          (forbidden pairs are per query and the trainer masks them per query)
   out_of_window           retrieval rank outside [range_min, range_max)
+  ngram_duplicate         word 3-gram Jaccard with one of the query's positives above
+                          ``ngram_threshold`` (normalised text); checked only on candidates that
+                          passed every rule above, with texts read from the block's ``doc_texts``
   not_selected            eligible, but ``num_negatives`` were already kept
 
-The first four are likely false negatives: they are returned as forbidden (query, doc, reason)
-rows that the trainer's mask obeys. Random choices are seeded by (seed, query_id, pos_id), so the
-output does not depend on how the queries were partitioned.
+All but out_of_window and not_selected are likely false negatives: they are returned as
+forbidden (query, doc, reason) rows that the trainer's mask obeys. Random choices are seeded by
+(seed, query_id, pos_id), so the output does not depend on how the queries were partitioned.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from curate.config import MineConfig
+from curate.text import ngrams
 
-FALSE_NEGATIVE_REASONS = ("known_positive", "duplicate_of_positive", "near_duplicate", "above_ceiling")
+FALSE_NEGATIVE_REASONS = (
+    "known_positive",
+    "duplicate_of_positive",
+    "near_duplicate",
+    "above_ceiling",
+    "ngram_duplicate",
+)
 REASONS = FALSE_NEGATIVE_REASONS + ("out_of_window", "not_selected")
 
 
@@ -45,6 +62,7 @@ class PairBlock:
     pair_pos: np.ndarray  # [P] doc number of the pair's positive
     known: list[np.ndarray]  # [Q] doc numbers of every known positive of the query
     pos_ids: list[str]  # [P] doc id of the pair's positive (for seeding)
+    doc_texts: str | None = None  # Arrow file of doc texts by doc number (n-gram rule); None: off
 
 
 @dataclass
@@ -72,6 +90,10 @@ def mine_block(
     P = len(block.pair_query)
     res = MineResult(np.arange(P), np.empty(P, np.float32), [], [], [])
     seen_forbidden: set[tuple[int, int]] = set()
+    texts = None
+    if block.doc_texts is not None and cfg.ngram_threshold is not None:
+        texts = load_doc_texts(block.doc_texts)
+    grams, grams_of = {}, -1
     for p in range(P):
         qi, pos = int(block.pair_query[p]), int(block.pair_pos[p])
         known = block.known[qi]
@@ -80,8 +102,15 @@ def mine_block(
         valid = cands[qi] >= 0
         cand, cand_score = cands[qi][valid], scores[qi][valid]
         ranks = np.flatnonzero(valid).astype(np.int32)
-        reason = _reasons(cand, cand_score, ranks, known, pos_score, doc_vecs, doc_hash, cfg)
-        for c, r, s in zip(cand, reason, cand_score):
+        ref = float((doc_vecs[known] @ block.query_vecs[qi]).min()) if len(known) else pos_score
+        reason = _reasons(cand, cand_score, ranks, known, min(ref, pos_score), doc_vecs, doc_hash, cfg)
+        if texts is not None and len(known):
+            if qi != grams_of:  # pairs of one query are adjacent: cache its docs' n-grams
+                grams, grams_of = {}, qi
+            left = np.flatnonzero(reason == "")
+            dup = _ngram_duplicates(cand[left], known, texts, cfg.ngram_threshold, grams)
+            reason[left[dup]] = "ngram_duplicate"
+        for c, r, s in zip(cand, reason, cand_score, strict=True):
             if r in FALSE_NEGATIVE_REASONS and (qi, int(c)) not in seen_forbidden:
                 seen_forbidden.add((qi, int(c)))
                 res.forbidden.append((qi, int(c), r))
@@ -122,3 +151,43 @@ def _select(eligible: np.ndarray, cfg: MineConfig, entropy: list[int]) -> np.nda
         return eligible[: cfg.num_negatives]
     rng = np.random.default_rng(entropy)
     return np.sort(rng.choice(eligible, cfg.num_negatives, replace=False))
+
+
+# --- the n-gram rule: doc texts by doc number, memory-mapped -------------------------------
+
+
+def write_doc_texts(path: Path, texts: list[str]) -> None:
+    """Doc texts in doc-number order as an uncompressed Arrow file (temp name, then rename), so
+    mine tasks memory-map it and read only the pages of the docs they compare."""
+    table = pa.table({"text": pa.array(texts, pa.large_string())})
+    tmp = path.with_name(path.name + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    os.replace(tmp, path)
+
+
+def load_doc_texts(path: str) -> pa.ChunkedArray:
+    """The texts written by ``write_doc_texts``; cached per process until the file changes."""
+    return _open_texts(path, os.stat(path).st_mtime_ns)
+
+
+@lru_cache(maxsize=1)
+def _open_texts(path: str, mtime_ns: int) -> pa.ChunkedArray:
+    return pa.ipc.open_file(pa.memory_map(path)).read_all().column("text")
+
+
+def _ngram_duplicates(cand, known, texts, threshold: float, grams: dict) -> np.ndarray:
+    """Bool [len(cand)]: word 3-gram Jaccard with one of the ``known`` docs > ``threshold``, as
+    ``curate.text.ngram_overlap`` computes it; ``grams`` caches each doc's n-gram set."""
+
+    def of(d: int) -> set[str]:
+        if d not in grams:
+            grams[d] = ngrams(texts[d].as_py())
+        return grams[d]
+
+    pos = [of(int(d)) for d in known]
+    return np.array([any(_jaccard(of(int(c)), g) > threshold for g in pos) for c in cand], bool)
+
+
+def _jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a and b else 0.0

@@ -87,6 +87,9 @@ def test_choose_factory():
     assert choose_factory(1_000_000, 384, small) == "IVF4096,PQ96x8"
     # 768 / 4 = 192 > 96 -> 768 / 8 = 96.
     assert choose_factory(1_000_000, 768, small) == "IVF4096,PQ96x8"
+    # 1024 / 4, / 8, / 2 are all > 96: the largest divisor <= 96 (was a bare StopIteration).
+    assert choose_factory(1_000_000, 1024, small) == "IVF4096,PQ64x8"
+    assert choose_factory(1_000_000, 1536, small) == "IVF4096,PQ96x8"
     assert choose_factory(5, 32, IndexConfig(factory="HNSW32")) == "HNSW32"
 
 

@@ -29,7 +29,17 @@ from curate.embed import pool
 from curate.progress import track
 from curate.shards import iter_batches, read_manifest
 from train.gradcache import gradcache_backward, plain_backward
-from train.loss import LearnableTemperature, build_mask, info_nce, masked_fraction, mi_lower_bound
+from train.loss import (
+    LearnableTemperature,
+    build_mask,
+    distill_kl,
+    distill_mse,
+    info_nce,
+    masked_fraction,
+    mean_candidates,
+    mi_lower_bound,
+    multi_positive_masks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +60,44 @@ def load_forbidden(shard_dir: Path) -> dict[str, set[str]]:
 
 
 def batch_columns(rows: pl.DataFrame, forbidden: dict[str, set[str]]):
-    """-> (query texts [B], doc texts [C], doc ids [C], per-row ids to mask). Columns are the B
-    positives in row order, then every row's negatives in row order."""
+    """-> (query texts [B], doc texts [C], doc ids [C], known positives per row, forbidden per row).
+    Columns are the B positives in row order, then every row's negatives in row order."""
     col_ids = rows["pos_id"].to_list() + [d for ids in rows["neg_ids"] for d in ids]
     col_text = rows["pos"].to_list() + [t for ts in rows["negs"] for t in ts]
-    masked = [
-        sorted(set(kp) | forbidden.get(q, set()))
-        for q, kp in zip(rows["query_id"].to_list(), rows["known_pos_ids"].to_list())
-    ]
-    return rows["query"].to_list(), col_text, col_ids, masked
+    known = [set(kp) for kp in rows["known_pos_ids"].to_list()]
+    rejected = [forbidden.get(q, set()) for q in rows["query_id"].to_list()]
+    return rows["query"].to_list(), col_text, col_ids, known, rejected
+
+
+def batch_masks(cfg: TrainConfig, col_ids, known, rejected):
+    """-> (mask [B, C], positives [B, C] or None). Forbidden docs are always masked; known
+    positives are masked, or are targets under the multi-positive loss."""
+    if cfg.loss == "multi_positive":
+        return multi_positive_masks(col_ids, known, len(known), rejected)
+    return build_mask(col_ids, known, len(known), rejected), None
+
+
+def own_columns(rows: pl.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column numbers of each row's [positive, own negatives] -> (index [B, 1+n], valid [B, 1+n])."""
+    counts = [len(n) for n in rows["neg_ids"].to_list()]
+    width, B = 1 + max(counts, default=0), len(counts)
+    index = torch.zeros(B, width, dtype=torch.long)
+    valid = torch.zeros(B, width, dtype=torch.bool)
+    start = B
+    for i, n in enumerate(counts):
+        index[i, 0], valid[i, : 1 + n] = i, True
+        index[i, 1 : 1 + n] = torch.arange(start, start + n)
+        start += n
+    return index, valid
+
+
+def teacher_scores(rows: pl.DataFrame, width: int) -> torch.Tensor:
+    """[B, 1+n] of the shards' pos_score / neg_scores, zero-padded."""
+    out = torch.zeros(rows.height, width)
+    for i, (p, negs) in enumerate(zip(rows["pos_score"].to_list(), rows["neg_scores"].to_list())):
+        out[i, 0] = p
+        out[i, 1 : 1 + len(negs)] = torch.tensor(negs, dtype=torch.float32)
+    return out
 
 
 # --- model --------------------------------------------------------------------------------
@@ -110,8 +149,13 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
-            "1_Pooling", "2_Normalize")
+ST_FILES = (
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling",
+    "2_Normalize",
+)
 
 
 def save_model(model, source: Path, path: Path) -> None:
@@ -162,8 +206,11 @@ def train(
     forbidden = load_forbidden(shard_dir)
 
     temp = LearnableTemperature(cfg.temperature) if cfg.learn_temperature else cfg.temperature
-    params = list(model.parameters()) + (list(temp.parameters()) if cfg.learn_temperature else [])
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(model.parameters())
+    groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+    if cfg.learn_temperature:  # no decay on log t: decay would pull t towards 1
+        groups.append({"params": list(temp.parameters()), "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, int(total)))
 
     step = 0
@@ -189,24 +236,21 @@ def train(
     for step in bar:
         rows = pl.from_arrow(next(batches))
         t0 = time.perf_counter()
-        queries, docs, col_ids, masked = batch_columns(rows, forbidden)
-        mask = build_mask(col_ids, masked, len(queries))  # [B, C]
-
-        def loss_fn(q, d):
-            t = temp() if callable(temp) else temp
-            return info_nce(q, d, mask, t, symmetric=cfg.symmetric)
-
+        queries, docs, col_ids, known, rejected = batch_columns(rows, forbidden)
+        mask, positives = batch_masks(cfg, col_ids, known, rejected)  # [B, C]
+        loss_fn = make_loss(cfg, temp, mask, positives, rows)
         loss = backward(encode, encode, tok(queries), tok(docs), loss_fn, cfg.chunk_size)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if cfg.learn_temperature:
+            temp.clamp_()
 
-        n_cols = float((~mask).sum(1).float().mean())
         rec = {
             "step": step + 1,
             "loss": round(float(loss), 5),
-            "mi_bound": round(mi_lower_bound(loss, n_cols), 5),
+            "mi_bound": round(mi_lower_bound(loss, mean_candidates(mask, len(docs))), 5),
             "temperature": round(float(temp() if callable(temp) else temp), 5),
             "masked_fraction": round(masked_fraction(mask), 5),
             "rows": len(queries),
@@ -223,6 +267,34 @@ def train(
     model.eval()
     save_model(model, Path(model_path), final)
     return final
+
+
+def make_loss(cfg: TrainConfig, temp, mask, positives, rows: pl.DataFrame):
+    """The batch's loss as a function of the embeddings q [B, D], d [C, D] (what GradCache needs)."""
+    index, valid = own_columns(rows) if cfg.distill != "none" else (None, None)
+    teacher = teacher_scores(rows, index.shape[1]) if index is not None else None
+
+    def loss_fn(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        t = temp() if callable(temp) else temp
+        loss = info_nce(
+            q,
+            d,
+            mask,
+            t,
+            symmetric=cfg.symmetric,
+            decoupled=cfg.loss == "decoupled",
+            positives=positives,
+        )
+        if teacher is not None:
+            cos = torch.einsum("bd,bkd->bk", q, d[index])  # [B, 1+n] student cosines
+            if cfg.distill == "kl":
+                extra = distill_kl(cos / t, teacher, cfg.teacher_temperature, valid)
+            else:
+                extra = distill_mse(cos, teacher, valid)
+            loss = loss + cfg.distill_weight * extra
+        return loss
+
+    return loss_fn
 
 
 def _batch_stream(shard_dir: Path, step: int, n_batches: int):
