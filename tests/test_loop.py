@@ -1,0 +1,37 @@
+"""The retrain loop: two rounds on a Cranfield slice, a table and plot, resumable by round."""
+
+from __future__ import annotations
+
+import json
+
+from curate.config import config_from_dict
+from pipelines.loop import format_table, loop
+
+
+def test_two_rounds_then_resume(tmp_path, cranfield, tiny_model):
+    cfg = config_from_dict(
+        {
+            "output_dir": str(tmp_path),
+            "data": {"path": str(cranfield), "empty_text": "skip", "max_train_queries": 16},
+            "embed": {"model": str(tiny_model), "max_length": 32, "partition_size": 700},
+            "mine": {"top_k": 10, "num_negatives": 2, "range_max": 10, "max_relative": None,
+                     "near_dup_threshold": 0.99999},
+            "batch": {"batch_size": 8},
+            "train": {"max_steps": 2, "max_length": 16, "lr": 1e-3},
+            "eval": {"max_queries": 10},
+            "cluster": {"n_workers": 1},
+        }
+    )  # fmt: skip
+    table = loop(cfg, rounds=2)
+    assert [r["round"] for r in table] == [0, 1, 2]
+    # round 2 mines with round 1's model and starts training from it
+    r2 = json.loads((tmp_path / "round-2" / "shards" / "manifest.json").read_text())
+    assert r2["config"]["embed"]["model"] == table[1]["model"]
+    assert json.loads((tmp_path / "loop.json").read_text())["rounds"] == table
+    assert (tmp_path / "loop.png").read_bytes()[:4] == b"\x89PNG"
+    assert "ndcg@10" in format_table(table)
+
+    stamp = (tmp_path / "round-1" / "report.json").stat().st_mtime_ns
+    again = loop(cfg, rounds=2)  # both rounds complete: nothing runs again
+    assert again == table
+    assert (tmp_path / "round-1" / "report.json").stat().st_mtime_ns == stamp
