@@ -94,6 +94,12 @@ def max_probe(index: faiss.Index) -> int:
     return MAX_EF_SEARCH if hasattr(faiss.downcast_index(index), "hnsw") else 0
 
 
+def _effective(index: faiss.Index, nprobe: int) -> int:
+    """HNSW searches with max(efSearch, nprobe) (``index.set_search_params``): report that."""
+    hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
+    return max(nprobe, int(hnsw.efSearch)) if hnsw is not None else nprobe
+
+
 def sample_queries(queries: np.ndarray, n: int, seed: int) -> np.ndarray:
     if len(queries) <= n:
         return np.asarray(queries, dtype=np.float32)
@@ -123,6 +129,7 @@ def guard(
     nprobe = cfg.nprobe
     while True:
         index_mod.set_search_params(index, nprobe)
+        nprobe = _effective(index, nprobe)
         _, hits = index_mod.search(index, sample, k, cfg.query_block)
         recall, missing, short = recall_at_k(doc_vecs, sample, hits, exact_D)
         attempt = {"nprobe": nprobe, "recall": round(recall, 5), "missing_hits": missing,

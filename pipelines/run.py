@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from curate import dedup, embed, index, mine, shards
+from curate import dedup, embed, fncheck, index, mine, recall, shards
 from curate.config import Config, DataConfig
 from curate.curation import build_rows, query_topics, shard_table
 from curate.evaluate import evaluate
@@ -99,6 +99,7 @@ def run(cfg: Config, quiet: bool = False) -> dict:
             for (q,), g in ds.qrels[cfg.data.train_split].filter(pl.col("score") > 0).group_by("query_id")
         }
         corpus = dedup.add_text_hash(ds.corpus)
+        fncheck.resolve_scorers(cfg)  # fncheck/teacher model folders, before any work
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -117,14 +118,26 @@ def run(cfg: Config, quiet: bool = False) -> dict:
             )
         with _timed(timings, "index"):
             index_fp = build_index_files(work, corpus, doc_ids, doc_vecs, model_fp, cfg)
+        with _timed(timings, "recall_guard"):  # approximate indexes: recall@k vs brute force
+            train_q_vecs = q_vecs[np.isin(q_ids, pairs["query_id"].unique().to_list())]
+            nprobe, index_recall = recall.guard_work_dir(work, train_q_vecs, cfg.mine.top_k, cfg.index, cfg.seed)
+            icfg = dataclasses.replace(cfg.index, nprobe=nprobe)
         with _timed(timings, "mine"):
             q_row = {q: i for i, q in enumerate(q_ids)}
             d_row = {d: i for i, d in enumerate(doc_ids)}
             blocks = pair_blocks(pairs, known, q_row, d_row, q_vecs, cfg.mine.query_partition)
-            mined, forbidden, funnel = mine_pairs(workers, blocks, work, index_fp, cfg.index, cfg.mine, cfg.seed)
+            for b in blocks:
+                b.doc_texts = str(work / "doc_texts.arrow")  # the n-gram rule reads them
+            mined, forbidden, funnel = mine_pairs(workers, blocks, work, index_fp, icfg, cfg.mine, cfg.seed)
+        with _timed(timings, "fncheck"):  # false-negative check, mining quality, teacher scores
+            query_text = dict(zip(ds.queries["query_id"].to_list(), ds.queries["text"].to_list()))
+            mined, forbidden, known, checks = fncheck.apply(
+                cfg, mined, forbidden, funnel, known, query_text, dict(zip(doc_ids, texts))
+            )
+            checks["index_recall"] = index_recall
         with _timed(timings, "curate"):
             canon, dedup_info = canonical_map(cfg, corpus, doc_ids, doc_vecs, texts)
-            manifest = curate_stage(cfg, out, canon, dedup_info, corpus, ds, mined, forbidden, funnel, known, q_row, q_vecs, texts)
+            manifest = curate_stage(cfg, out, canon, dedup_info, corpus, ds, mined, forbidden, funnel, known, q_row, q_vecs, texts, checks)
         result = {"output_dir": str(out), "shards": str(out / "shards"), "manifest": manifest}
         if cfg.train.enabled:
             with _timed(timings, "train"):
@@ -146,8 +159,9 @@ def build_index_files(work: Path, corpus: pl.DataFrame, doc_ids: list[str], doc_
     index_fp = content_hash([model_fp, json.dumps(dataclasses.asdict(cfg.index), sort_keys=True), *doc_ids,
                              str(doc_vecs.shape), str(float(doc_vecs.sum()))])
     stamp = work / "index.fingerprint"
-    if stamp.is_file() and stamp.read_text() == index_fp:
+    if stamp.is_file() and stamp.read_text() == index_fp and (work / "doc_texts.arrow").is_file():
         return index_fp
+    mine.write_doc_texts(work / "doc_texts.arrow", doc_texts(corpus))
     np.save(work / "doc_vecs.npy", doc_vecs)
     np.save(work / "doc_hash.npy", np.array([int(h[:16], 16) for h in corpus["hash"]], dtype=np.uint64))
     shards.write_table(work / "doc_ids.parquet", pa.table({"doc_id": doc_ids}))
@@ -182,7 +196,8 @@ def canonical_map(cfg: Config, corpus, doc_ids, doc_vecs, texts) -> tuple[dict[s
     return canon, info
 
 
-def curate_stage(cfg, out, canon, dedup_info, corpus, ds, mined, forbidden, funnel, known, q_row, q_vecs, texts) -> dict:
+def curate_stage(cfg, out, canon, dedup_info, corpus, ds, mined, forbidden, funnel, known, q_row, q_vecs, texts,
+                 extra: dict | None = None) -> dict:
     mined_df = pl.from_arrow(mined)
     train_q = mined_df["query_id"].unique(maintain_order=True).to_list()
     topic_of = query_topics(train_q, q_vecs[[q_row[q] for q in train_q]], cfg.batch, cfg.seed)
@@ -215,9 +230,10 @@ def curate_stage(cfg, out, canon, dedup_info, corpus, ds, mined, forbidden, funn
         "dedup": dedup_info,
         "files": files,
         "forbidden": {"path": "../forbidden.parquet", "sha256": shards.sha256(forbidden_path)},
+        **(extra or {}),  # fncheck, score_source, mining_quality, index_recall
     }
     shards.write_json(shard_dir / shards.MANIFEST, manifest)  # last: marks the shards complete
-    return {k: manifest[k] for k in ("counts", "funnel")}
+    return {k: manifest[k] for k in ("counts", "funnel", *(extra or {}))}
 
 
 def train_stage(cfg: Config, out: Path, model_path: Path) -> Path:

@@ -35,3 +35,18 @@ def tiny_model(tmp_path_factory) -> Path:
     BertModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory, tiny_model) -> Path:
+    """A tiny random BertForSequenceClassification (1 label: a relevance score) with the same
+    tokenizer: the cross-encoder scorer's real code path, without a download."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny-cross-encoder")
+    torch.manual_seed(1)
+    cfg = BertConfig.from_pretrained(str(tiny_model), num_labels=1)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(path)
+    return path

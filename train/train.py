@@ -251,7 +251,7 @@ def train(
             "step": step + 1,
             "loss": round(float(loss), 5),
             "mi_bound": round(mi_lower_bound(loss, mean_candidates(mask, len(docs))), 5),
-            "temperature": round(float(temp() if callable(temp) else temp), 5),
+            "temperature": round(float(temp().detach() if callable(temp) else temp), 5),
             "masked_fraction": round(masked_fraction(mask), 5),
             "rows": len(queries),
             "columns": len(docs),
