@@ -81,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     progress.set_quiet(args.quiet)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines drown ours
     try:
         return args.fn(args)
     except CurateError as err:

@@ -37,6 +37,9 @@ def local_shape(cfg: ClusterConfig, cores: int | None = None) -> tuple[int, int]
 def connect(cfg: ClusterConfig, quiet: bool = False) -> Iterator[Workers]:
     from distributed import Client, LocalCluster
 
+    # distributed sets its loggers to INFO on import; its lines would drown the run's own.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+
     if cfg.scheduler:
         client = Client(cfg.scheduler)
         n = len(client.scheduler_info()["workers"])
