@@ -1,13 +1,20 @@
-"""The ``curate`` command line: ``curate run configs/demo.yaml`` and friends."""
+"""The ``curate`` command line: ``curate run configs/demo.yaml`` and friends.
+
+Stage subcommands (embed, index, mine, batch, train, eval) run the pipeline up to and including
+their stage. Every stage caches what it wrote, so ``curate mine`` then ``curate batch`` repeats
+nothing. ``curate.api`` has one function per subcommand for notebooks.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import logging
+import os
 import sys
 
-from curate import progress
-from curate.config import load_config
+from curate import api, progress
 from curate.errors import CurateError
 
 log = logging.getLogger("curate")
@@ -16,76 +23,306 @@ BEIR_HINT = (
     "curate run configs/default.yaml --set data.path=../shared/data/cranfield "
     "--set data.empty_text=skip --set output_dir=runs/cranfield"
 )
+EPILOG = """\
+config keys: configs/default.yaml lists every key with its default; --set overrides any of them
+(values are YAML scalars: --set mine.max_relative=null). The config is validated before any
+work starts: unknown keys get a did-you-mean, wrong types and out-of-range values are named."""
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default; descriptions keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.default is argparse.SUPPRESS
+            or not action.option_strings
+            and action.nargs is None
+        ):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config_path", nargs="?", help="YAML config (same as -c)")
-    p.add_argument("-c", "--config", help="YAML config file (default: built-in defaults)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set mine.num_negatives=7 (repeatable)")
-    p.add_argument("--data", help="shortcut for --set data.path=PATH (a BEIR folder)")
-    p.add_argument("--output", help="shortcut for --set output_dir=DIR")
-    p.add_argument("--scheduler", help="address of an existing Dask scheduler to join")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    p.add_argument(
+        "config_path", nargs="?", metavar="CONFIG", help="YAML config (same as -c; default: none)"
+    )
+    p.add_argument("-c", "--config", help="YAML config file (default: none, the built-in defaults)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set mine.num_negatives=7 (repeatable; default: none)",
+    )
+    p.add_argument(
+        "--data",
+        help="shortcut for --set data.path=PATH, a BEIR folder or demo (default: the config's)",
+    )
+    p.add_argument("--output", help="shortcut for --set output_dir=DIR (default: the config's)")
+    p.add_argument(
+        "--scheduler",
+        help="address of a Dask scheduler to join (default: the config's; none starts a LocalCluster)",
+    )
+    _quiet(p)
 
 
-def _load(args: argparse.Namespace):
+def _quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bars, warnings only (bars are also off when stderr is not a terminal)",
+    )
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
     sets = list(args.set)
-    for key, val in (("data.path", args.data), ("output_dir", args.output), ("cluster.scheduler", args.scheduler)):
+    for key, val in (
+        ("data.path", args.data),
+        ("output_dir", args.output),
+        ("cluster.scheduler", args.scheduler),
+    ):
         if val:
             sets.append(f"{key}={val}")
-    return load_config(args.config or args.config_path, sets)
+    return sets
 
 
-def cmd_run(args) -> int:
-    from pipelines.run import run
+def _config_path(args: argparse.Namespace) -> str | None:
+    if args.config and args.config_path and args.config != args.config_path:
+        raise CurateError(f"two configs given ({args.config_path} and -c {args.config}); pass one")
+    return args.config or args.config_path
 
-    cfg = _load(args)
-    result = run(cfg, quiet=args.quiet)
-    print(f"shards:   {result['shards']}  (manifest.json inside)")
-    print(f"report:   {result['output_dir']}/report.json")
+
+def _config(args: argparse.Namespace):
+    return api.as_config(_config_path(args), _overrides(args))
+
+
+def _print_result(result: dict) -> None:
+    if "stopped_after" in result:
+        print(
+            f"stopped after: {result['stopped_after']}  (output in {result['output_dir']}; "
+            "later stages reuse it)"
+        )
+    if "shards" in result:
+        print(f"shards:   {result['shards']}  (manifest.json inside)")
+        funnel = result["manifest"]["funnel"]
+        print(
+            f"funnel:   {funnel.get('candidates', 0):,} candidates -> {funnel.get('kept', 0):,} kept"
+        )
     if "model" in result:
         print(f"model:    {result['model']}")
     for name, m in result.get("eval", {}).items():
-        print(f"{name:8s}  nDCG@10 {m['ndcg@10']:.4f}  Recall@100 {m['recall@100']:.4f}  MRR@10 {m['mrr@10']:.4f}")
+        print(
+            f"{name:8s}  nDCG@10 {m['ndcg@10']:.4f}  Recall@100 {m['recall@100']:.4f}  MRR@10 {m['mrr@10']:.4f}"
+        )
     print("timings:  " + ", ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items()))
-    if cfg.data.path == "demo":
+
+
+def _auto_report(out: str, args: argparse.Namespace) -> None:
+    """The HTML report after a full run; a failure here never fails the finished run."""
+    if args.no_report:
+        return
+    try:
+        print(f"report:   {api.write_report(out)}")
+    except Exception as err:  # the run's results are on disk already: say so, don't crash
+        log.warning(
+            "report.html not written (%s: %s); retry with: curate report %s",
+            type(err).__name__,
+            err,
+            out,
+        )
+
+
+def cmd_run(args) -> int:
+    cfg = _config(args)
+    result = api.run(cfg, quiet=args.quiet, stop_after=args.stage)
+    _print_result(result)
+    if "stopped_after" not in result:
+        print(f"summary:  {result['output_dir']}/report.json")
+        _auto_report(result["output_dir"], args)
+    if cfg.data.path == "demo" and args.stage == "eval":
         print(f"\nThe same pipeline on a BEIR folder:\n  {BEIR_HINT}")
     return 0
 
 
-def cmd_validate(args) -> int:
-    from curate.read import read_dataset
-    from pipelines.run import resolve_data
+def _flat(stats: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for key, val in stats.items():
+        out += _flat(val, f"{prefix}{key}.") if isinstance(val, dict) else [(prefix + key, val)]
+    return out
 
-    cfg = _load(args)
-    ds = read_dataset(resolve_data(cfg))
-    print(f"config ok; data at {cfg.data.path}:")
-    for key, val in ds.stats.items():
+
+def cmd_validate(args) -> int:
+    path, sets = _config_path(args), _overrides(args)
+    found = api.validate(path, sets)
+    cfg = found["config"]
+    print(
+        f"config ok: {path or 'built-in defaults'}"
+        + (f" with {len(sets)} override(s)" if sets else "")
+    )
+    print(f"  output_dir: {cfg.output_dir}")
+    print(f"  model: {cfg.embed.model} ({found['model']})")
+    print(
+        f"  mine: top_k {cfg.mine.top_k}, num_negatives {cfg.mine.num_negatives}, "
+        f"window [{cfg.mine.range_min}, {cfg.mine.range_max}), max_relative {cfg.mine.max_relative}"
+    )
+    print(f"  batch: batch_size {cfg.batch.batch_size}, same_topic {cfg.batch.same_topic}")
+    print(f"  train: {'on' if cfg.train.enabled else 'off'}; eval split: {cfg.data.eval_split}")
+    print(f"data ok: {cfg.data.path}")
+    for key, val in _flat(found["stats"]):
         print(f"  {key}: {val}")
+    print("nothing was run.")
     return 0
 
 
-COMMANDS = {"run": (cmd_run, "run every stage"), "validate": (cmd_validate, "check data and config only")}
+def cmd_report(args) -> int:
+    print(f"report:   {api.write_report(args.outdir, args.out)}")
+    return 0
+
+
+def _optional(module: str, need: str):
+    """A module built alongside this CLI; None when this version lacks it (or lacks ``need``)."""
+    if importlib.util.find_spec(module) is None:
+        return None
+    mod = importlib.import_module(module)
+    return mod if hasattr(mod, "main") or hasattr(mod, need) else None
+
+
+def _not_available(name: str) -> int:
+    print(f"error: `curate {name}` is not available in this version", file=sys.stderr)
+    return 2
+
+
+def cmd_loop(args) -> int:
+    mod = _optional("pipelines.loop", "loop")
+    if mod is None:
+        return _not_available("loop")
+    if hasattr(mod, "main"):
+        return mod.main(args)
+    cfg = _config(args)
+    table = api.loop(cfg, args.rounds, quiet=args.quiet)
+    print(mod.format_table(table))
+    print(f"rounds:   {cfg.output_dir}/loop.json, {cfg.output_dir}/loop.png")
+    _auto_report(cfg.output_dir, args)
+    return 0
+
+
+def cmd_export(args) -> int:
+    mod = _optional("curate.export", "to_sentence_transformers")
+    if mod is None:
+        return _not_available("export")
+    if hasattr(mod, "main"):
+        return mod.main(args)
+    counts = api.export(args.outdir, args.format, args.to, args.num_negatives)
+    print(f"export:   {counts.pop('path')}  " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+STAGE_HELP = {
+    "run": "run every stage: embed, index, mine, batch, train, eval (writes report.html)",
+    "embed": "read and embed corpus and queries (cached per partition)",
+    "index": "run up to the FAISS index: embed, index",
+    "mine": "run up to mined, filtered hard negatives: embed, index, mine",
+    "batch": "run up to the shards: embed, index, mine, batch (shards + manifest)",
+    "train": "run up to the trained model: ... batch, train",
+    "eval": "run everything, ending with base vs trained on the held-out split (= run)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from curate import __version__
+
+    parser = argparse.ArgumentParser(prog="curate", description=__doc__, formatter_class=Formatter)
+    parser.add_argument("--version", action="version", version=f"curate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str, fn, configured: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            formatter_class=Formatter,
+            epilog=EPILOG if configured else None,
+        )
+        p.set_defaults(fn=fn)
+        return p
+
+    for name, help_ in STAGE_HELP.items():
+        p = add(name, help_, cmd_run)
+        _common(p)
+        p.set_defaults(stage="eval" if name == "run" else name)
+        if name in ("run", "eval"):
+            p.add_argument("--no-report", action="store_true", help="skip writing report.html")
+    p = add(
+        "loop", "retrain loop: mine with the last round's model, train again, evaluate", cmd_loop
+    )
+    _common(p)
+    p.add_argument(
+        "--rounds", type=int, default=2, help="training rounds (round 0 is the base model)"
+    )
+    p.add_argument("--no-report", action="store_true", help="skip writing report.html")
+    p = add("export", "write a run's shards in another trainer's format", cmd_export, False)
+    p.add_argument("outdir", metavar="OUTDIR", help="run folder (output_dir) holding shards/")
+    p.add_argument(
+        "--format",
+        choices=["sentence-transformers", "flagembedding"],
+        default="sentence-transformers",
+        help="target format",
+    )
+    p.add_argument("--to", metavar="PATH", help="destination (default: OUTDIR/export/FORMAT)")
+    p.add_argument(
+        "--num-negatives",
+        type=int,
+        metavar="N",
+        help="negatives per row for sentence-transformers (default: the most every row has)",
+    )
+    _quiet(p)
+    p = add(
+        "report",
+        "write OUTDIR/report.html: funnel, scores, topics, batches, training, eval",
+        cmd_report,
+        False,
+    )
+    p.add_argument("outdir", metavar="OUTDIR", help="run folder (output_dir) or a loop's folder")
+    p.add_argument(
+        "-o", "--out", metavar="PATH", help="where to write the HTML (default: OUTDIR/report.html)"
+    )
+    _quiet(p)
+    p = add(
+        "validate",
+        "check the config, model and dataset and print what was found; runs nothing",
+        cmd_validate,
+    )
+    _common(p)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="curate", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (fn, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        _common(p)
-        p.set_defaults(fn=fn)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     progress.set_quiet(args.quiet)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not progress.enabled():  # transformers' own bars too, here and in the Dask workers
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines drown ours
+    for noisy in ("matplotlib", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.fn(args)
     except CurateError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted; rerun the same command to resume (finished work is cached)",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ class EmbedConfig:
     pooling: Literal["auto", "mean", "cls"] = "auto"
     # Batches are cut by padded tokens (rows x longest row), not by a row count.
     token_budget: int = field(default=16384, metadata=_range(64))
-    # int8: dynamic quantisation of the linear layers (CPU only).
+    # auto: bf16 autocast on CUDA; on CPU bf16 weights where the CPU has native bf16 (AVX512-BF16
+    # or AMX), else fp32 (docs/benchmarks.md). int8: dynamic quantisation of the linear layers (CPU only).
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
     store_dtype: Literal["float32", "float16"] = "float32"
     partition_size: int = field(default=1024, metadata=_range(1))
@@ -80,6 +81,8 @@ class IndexConfig:
     flat_max: int = field(default=1_000_000, metadata=_range(1))
     nprobe: int = field(default=32, metadata=_range(1))
     train_sample: int = field(default=200_000, metadata=_range(1000))
+    # >1: one index per contiguous shard of the corpus (shared quantizer), each searched by its
+    # own Dask task per query block; hits merged to the exact global top-k (flat: = unsharded).
     shards: int = field(default=1, metadata=_range(1))
     query_block: int = field(default=4096, metadata=_range(1))
     use_gpu: Literal["auto", "never", "always"] = "auto"
@@ -150,6 +153,9 @@ class TrainConfig:
     distill: Literal["none", "kl", "mse"] = "none"
     distill_weight: float = field(default=1.0, metadata=_range(0.0))
     teacher_temperature: float = field(default=0.05, metadata=_range(1e-4, 100.0))
+    # false: ablation without the false-negative mask (known positives and forbidden pairs stay in
+    # the denominator); only repeats of a column are still masked.
+    mask: bool = True
 
 
 @dataclass(frozen=True)
@@ -289,7 +295,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. mine.num_negatives=7")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), _safe_yaml(raw, f"--set {text!r}") if raw.strip() else ""
+
+
+def _safe_yaml(text: str, where: str) -> Any:
+    """Plain YAML only (the safe loader: no Python tags); a syntax error or a tag names ``where``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"{where}: not plain YAML ({' '.join(str(err).split())}); curate reads configs with "
+            "the safe loader, so tags such as !!python/... are refused"
+        ) from None
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -299,7 +316,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found; pass an existing YAML file")
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        tree = _safe_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate import schema
+from curate import faults, schema
 from curate.config import EmbedConfig
-from curate.errors import ConfigError
+from curate.errors import ConfigError, NonFiniteEmbeddingError, StageMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,23 @@ def model_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
+def pretrained(auto_cls, path: Path, trust_remote_code: bool = False):
+    """``auto_cls.from_pretrained`` from a local folder. A folder whose model needs its own Python
+    code fails with a ConfigError naming embed.trust_remote_code unless that is set."""
+    try:
+        return auto_cls.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except ValueError as err:
+        if trust_remote_code or "trust_remote_code" not in str(err):
+            raise
+        raise ConfigError(
+            f"embed.model: {path} needs its own Python code to load ({auto_cls.__name__}); curate "
+            "runs no code from model folders unless embed.trust_remote_code: true. Set it only for "
+            "a model whose code you have read, or use a model transformers supports natively"
+        ) from None
+
+
 def pick_device(pref: str = "auto") -> str:
     import torch
 
@@ -72,6 +90,55 @@ def _pooling_mode(path: Path, pref: str) -> str:
     if cfg.is_file() and json.loads(cfg.read_text()).get("pooling_mode_cls_token"):
         return "cls"
     return "mean"
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run natively (elsewhere they are emulated, slower than fp32)."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_dtype(pref: str, device: str) -> str:
+    """The compute dtype ``embed.dtype`` means on ``device``.
+
+    auto: bf16 on CUDA (fp16 where bf16 is unsupported); on CPU bf16 where the CPU has native bf16
+    (AVX512-BF16/AMX), else fp32. docs/benchmarks.md has the measurements behind the CPU choice:
+    bf16 weights were the fastest at equal nDCG@10; bf16 autocast and int8 dynamic quantisation
+    were slower."""
+    import torch
+
+    if pref == "int8" and device != "cpu":
+        raise ConfigError("embed.dtype: 'int8' (dynamic quantisation) runs on CPU only; use auto on CUDA")
+    if pref != "auto":
+        return pref
+    if device == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def local_dtype(cfg: EmbedConfig) -> str:
+    """The dtype ``cfg`` computes in on this machine's device; part of the embedding cache key,
+    so bf16 and fp32 embeddings of one text never share a cache file."""
+    import torch
+
+    device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+    return resolve_dtype(cfg.dtype, device)
+
+
+def _cast(model, device: str, dtype: str):
+    """CPU: bf16/fp16 cast the weights (autocast re-casts every weight on every call, which costs
+    more than it saves there); int8 quantises the linear layers dynamically. CUDA: left in fp32
+    and run under autocast."""
+    import torch
+
+    if device == "cpu" and dtype in ("bfloat16", "float16"):
+        model = model.to(getattr(torch, dtype))
+    elif dtype == "int8":
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, torch.qint8)
+    log.info("embedding dtype: %s on %s", dtype, device)
+    return model
 
 
 def token_budget_batches(lengths: np.ndarray, budget: int) -> list[np.ndarray]:
@@ -100,31 +167,26 @@ class Encoder:
 
     @classmethod
     def load(cls, cfg: EmbedConfig, model_path: Path | None = None) -> Encoder:
-        import torch
         from transformers import AutoModel, AutoTokenizer
 
         path = model_path or resolve_model(cfg.model)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        kw = {"local_files_only": True, "trust_remote_code": cfg.trust_remote_code}
-        tokenizer = AutoTokenizer.from_pretrained(str(path), **kw)
-        model = AutoModel.from_pretrained(str(path), **kw)
+        tokenizer = pretrained(AutoTokenizer, path, cfg.trust_remote_code)
+        model = pretrained(AutoModel, path, cfg.trust_remote_code)
         device = pick_device(cfg.device)
-        model.to(device).eval()
-        if cfg.dtype == "int8" and device == "cpu":
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, torch.qint8)
+        model = _cast(model.to(device).eval(), device, resolve_dtype(cfg.dtype, device))
         return cls(tokenizer, model, _pooling_mode(path, cfg.pooling), device, cfg)
 
     def _autocast(self):
+        """bf16/fp16 autocast on CUDA; on CPU the weights were cast at load (see ``_cast``)."""
         import contextlib
 
         import torch
 
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.cfg.dtype)
-        if self.device == "cuda" and dtype is None and self.cfg.dtype == "auto":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if dtype is None:
+        dtype = resolve_dtype(self.cfg.dtype, self.device)
+        if self.device != "cuda" or dtype not in ("bfloat16", "float16"):
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device, dtype=dtype)
+        return torch.autocast(device_type="cuda", dtype=getattr(torch, dtype))
 
     def encode(self, texts: list[str], prefix: str = "") -> np.ndarray:
         """[N, D] float32, L2-normalised, in the order of ``texts``."""
@@ -158,6 +220,7 @@ def pool(hidden, attention_mask, mode: str):
 
 
 _ENCODERS: dict[tuple, Encoder] = {}
+_ENCODERS_LOCK = threading.Lock()  # a worker with several threads loads its model once
 
 
 def cached_encoder(cfg: EmbedConfig, model_path: Path, torch_threads: int | None = None) -> Encoder:
@@ -167,10 +230,11 @@ def cached_encoder(cfg: EmbedConfig, model_path: Path, torch_threads: int | None
 
         torch.set_num_threads(torch_threads)
     key = (cfg, str(model_path))
-    if key not in _ENCODERS:
-        _ENCODERS.clear()  # a worker holds one model at a time
-        _ENCODERS[key] = Encoder.load(cfg, model_path)
-    return _ENCODERS[key]
+    with _ENCODERS_LOCK:  # concurrent first imports of transformers fail (ImportError)
+        if key not in _ENCODERS:
+            _ENCODERS.clear()  # a worker holds one model at a time
+            _ENCODERS[key] = Encoder.load(cfg, model_path)
+        return _ENCODERS[key]
 
 
 def write_embeddings(path: Path, ids: list[str], vectors: np.ndarray, dtype: str) -> None:
@@ -188,6 +252,13 @@ def write_embeddings(path: Path, ids: list[str], vectors: np.ndarray, dtype: str
 def read_embeddings(paths: list[Path]) -> tuple[list[str], np.ndarray]:
     """Concatenate embedding files in order -> (ids, [N, D] float32)."""
     tables = [pq.read_table(p) for p in paths]
+    for p, t in zip(paths, tables):
+        if t.schema != tables[0].schema:  # another model or store dtype wrote one of them
+            raise StageMismatchError(
+                f"embedding files disagree: {paths[0]} holds {tables[0].schema.field('embedding').type} "
+                f"but {p} holds {t.schema.field('embedding').type}. Fix: delete the embeddings "
+                "cache folder (cache_dir, default <output_dir>/cache) and rerun"
+            )
     table = pa.concat_tables(tables)
     dim = table.schema.field("embedding").type.list_size
     flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -209,7 +280,14 @@ def embed_partition(
         return out_path
     encoder = cached_encoder(cfg, Path(model_path), torch_threads)
     vectors = encoder.encode(texts, prefix)
-    if not np.isfinite(vectors).all():
-        raise FloatingPointError(f"{out_path}: the model produced NaN/inf embeddings")
+    if not (finite := np.isfinite(vectors).all(axis=1)).all():
+        bad = [ids[i] for i in np.flatnonzero(~finite)]
+        raise NonFiniteEmbeddingError(
+            f"model {model_path} produced NaN/inf embeddings for {len(bad)} of {len(ids)} texts of "
+            f"partition {path.name} (ids {bad[:10]}{' ...' if len(bad) > 10 else ''}); nothing was "
+            "written. Fix: check the model's weights (a NaN weight or an fp16 overflow), or set "
+            "embed.dtype=float32"
+        )
+    faults.reached("embed_task")  # test-only crash point: a worker lost before it writes
     write_embeddings(path, ids, vectors, cfg.store_dtype)
     return out_path

@@ -16,6 +16,9 @@ class DataError(CurateError):
         where = f"{self.file}" + (f", row {row}" if row is not None else "")
         super().__init__(f"{where}: {problem}. Fix: {fix}")
 
+    def __reduce__(self):  # rebuilt from its fields when it crosses processes (a Dask task)
+        return type(self), (self.file, self.problem, self.fix, self.row)
+
 
 class ConfigError(CurateError):
     """A config value that is unknown, of the wrong type or out of range."""
@@ -23,3 +26,8 @@ class ConfigError(CurateError):
 
 class StageMismatchError(CurateError):
     """Artifacts of two stages that do not belong together (other model, other dimension)."""
+
+
+class NonFiniteEmbeddingError(StageMismatchError):
+    """A model produced NaN/inf vectors, which no index or loss can use: names the model, the
+    partition file and the ids whose vectors are not finite."""

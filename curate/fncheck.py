@@ -159,6 +159,8 @@ def _forbid(forbidden: pa.Table, confirmed: pl.DataFrame) -> pa.Table:
     """Forbidden rows plus the confirmed pairs not already in them."""
     have = set(zip(*(forbidden.column(c).to_pylist() for c in ("query_id", "doc_id")), strict=True))
     new = [(q, d, s) for q, d, s in confirmed.iter_rows() if (q, d) not in have]
+    if not new:
+        return forbidden
     rows = pa.table(
         {
             "query_id": [q for q, _, _ in new],
@@ -169,6 +171,20 @@ def _forbid(forbidden: pa.Table, confirmed: pl.DataFrame) -> pa.Table:
         schema=schema.FORBIDDEN,
     )
     return pa.concat_tables([forbidden, rows])
+
+
+def _act(cfg: FnCheckConfig, confirmed, check: dict, forbidden, funnel: Counter, known: dict):
+    """Count the removed negatives in the funnel; forbid (drop) or relabel the confirmed pairs
+    (``known`` is updated in place) -> forbidden."""
+    if check["negatives_removed"]:
+        funnel["kept"] -= check["negatives_removed"]
+        funnel[REASON] += check["negatives_removed"]
+    log.info("fncheck: %s", check)
+    if cfg.action == "drop":
+        return _forbid(forbidden, confirmed)
+    for q, d in confirmed.select("query_id", "doc_id").iter_rows():
+        known[q] = [*known[q], d]
+    return forbidden
 
 
 def apply(
@@ -192,20 +208,11 @@ def apply(
             loaded[spec] = scorer.PairScores(model, query_text, doc_text)
         return loaded[spec]
 
-    table, check = pl.from_arrow(mined), None
-    known = dict(known)
+    table, check, known = pl.from_arrow(mined), None, dict(known)
     if cfg.fncheck.scorer is not None:
-        table, confirmed, check = check_false_negatives(
-            table, scores_for(cfg.fncheck, "fncheck.scorer"), cfg.fncheck
-        )
-        funnel["kept"] -= check["negatives_removed"]
-        funnel[REASON] += check["negatives_removed"]
-        if cfg.fncheck.action == "drop":
-            forbidden = _forbid(forbidden, confirmed)
-        else:
-            for q, d in confirmed.select("query_id", "doc_id").iter_rows():
-                known[q] = [*known[q], d]
-        log.info("fncheck: %s", check)
+        pair_scores = scores_for(cfg.fncheck, "fncheck.scorer")
+        table, confirmed, check = check_false_negatives(table, pair_scores, cfg.fncheck)
+        forbidden = _act(cfg.fncheck, confirmed, check, forbidden, funnel, known)
     quality = mining_quality(table, funnel, check)
     source = {"source": "miner", "model": cfg.embed.model, "kind": "embedder"}
     if cfg.teacher.scorer is not None:

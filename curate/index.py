@@ -7,6 +7,7 @@ Sharded search keeps each shard's top-k and merges them to the exact global top-
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -16,7 +17,7 @@ import faiss
 import numpy as np
 
 from curate.config import IndexConfig
-from curate.errors import ConfigError
+from curate.errors import ConfigError, StageMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,16 @@ def use_gpu(pref: str) -> bool:
 
 def build_index(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0) -> faiss.Index:
     """Index ``vectors`` ([N, D] float32, unit norm) with inner-product metric."""
+    index = trained_index(vectors, cfg, seed)
+    add_in_chunks(index, vectors)
+    set_search_params(index, cfg.nprobe)
+    log.info("built %s index over %d vectors of dim %d", choose_factory(*vectors.shape, cfg), *vectors.shape)
+    return index
+
+
+def trained_index(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0) -> faiss.Index:
+    """An empty index for all of ``vectors`` ([N, D], may be a memory map), trained on a seeded
+    sample of at most ``cfg.train_sample`` rows. Shards copy it, so they share one quantizer."""
     n, dim = vectors.shape
     factory = choose_factory(n, dim, cfg)
     try:
@@ -54,25 +65,73 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0) -> faiss.I
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         take = min(n, cfg.train_sample)
-        sample = vectors[np.sort(rng.choice(n, take, replace=False))] if take < n else vectors
-        index.train(np.ascontiguousarray(sample, dtype=np.float32))
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    set_search_params(index, cfg.nprobe)
-    log.info("built %s index over %d vectors of dim %d", factory, n, dim)
+        rows = np.sort(rng.choice(n, take, replace=False)) if take < n else slice(None)
+        try:
+            index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
+        except RuntimeError as err:
+            raise ConfigError(
+                f"index: faiss cannot train {factory!r} on {take} vectors: "
+                f"{str(err).splitlines()[0]}; give index.factory with fewer IVF lists, raise "
+                "index.train_sample, or use index.factory=Flat"
+            ) from err
     return index
 
 
+def add_in_chunks(index: faiss.Index, vectors: np.ndarray, chunk: int = 1 << 16) -> None:
+    """Add rows in chunks, so a memory-mapped matrix is never copied whole into memory."""
+    for start in range(0, len(vectors), chunk):
+        index.add(np.ascontiguousarray(vectors[start : start + chunk], dtype=np.float32))
+
+
+def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
+    """Contiguous (start, stop) row ranges of near-equal size; shard s holds global ids
+    [start, stop). More shards than rows gives empty ranges, which are dropped."""
+    edges = [n * s // shards for s in range(shards + 1)]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
 def set_search_params(index: faiss.Index, nprobe: int) -> None:
+    """nprobe on IVF indexes, efSearch (at least ``nprobe``) on HNSW; into every shard of an
+    IndexShards."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexShards):
+        for s in range(index.count()):
+            set_search_params(index.at(s), nprobe)
+        return
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.nprobe = nprobe
-    hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
+    hnsw = getattr(index, "hnsw", None)
     if hnsw is not None:
         hnsw.efSearch = max(hnsw.efSearch, nprobe)
 
 
-def to_gpu(index: faiss.Index) -> faiss.Index:
-    return faiss.index_cpu_to_all_gpus(index)
+def join_shards(shards: list[faiss.Index]) -> faiss.Index:
+    """One faiss index over shards searched in turn, ids successive (shard s starts where s-1
+    ends); for whole-index checks such as the recall guard."""
+    joined = faiss.IndexShards(shards[0].d, False, True)
+    for shard in shards:
+        joined.add_shard(shard)
+    return joined
+
+
+_GPU_RESOURCES: list = []  # kept for the life of the process: GPU indexes point into them
+GPU_MAX_K = 2048  # faiss GPU search returns at most this many neighbours per query
+
+
+def to_gpu(index: faiss.Index, nprobe: int, device: int = 0) -> faiss.Index:
+    """A copy of ``index`` on one GPU; ``device`` counts the GPUs this process sees (a dask-cuda
+    worker sees its own GPU as device 0). float16 lookup tables: GPU IVF-PQ needs them for
+    codes over 56 bytes (PQ96x8 is 96)."""
+    if not _GPU_RESOURCES:
+        _GPU_RESOURCES.append(faiss.StandardGpuResources())
+    opts = faiss.GpuClonerOptions()
+    opts.useFloat16 = True
+    gpu = faiss.index_cpu_to_gpu(_GPU_RESOURCES[0], device, index, opts)
+    if faiss.try_extract_index_ivf(index) is not None:
+        faiss.GpuParameterSpace().set_index_parameter(gpu, "nprobe", nprobe)
+    log.info("index moved to GPU %d", device)
+    return gpu
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, block: int = 4096):
@@ -108,3 +167,46 @@ def load_index(path: Path, nprobe: int) -> faiss.Index:
     index = faiss.read_index(str(path))
     set_search_params(index, nprobe)
     return index
+
+
+# --- what an index was built from: checked before queries are searched in it ---------------
+
+RECORD = "index.json"  # beside the index files in the work folder
+
+
+def write_record(work: Path, model: str, model_fp: str, dim: int, docs: int) -> None:
+    """Record the model (name and content fingerprint) and the vectors an index was built from."""
+    rec = {"model": model, "model_fingerprint": model_fp, "dim": dim, "docs": docs}
+    tmp = work / (RECORD + ".tmp")
+    tmp.write_text(json.dumps(rec, sort_keys=True))
+    os.replace(tmp, work / RECORD)
+
+
+def check_record(work: Path, model: str, model_fp: str, dim: int, docs: int) -> None:
+    """Raise StageMismatchError unless the index in ``work`` was built by the same model, at the
+    same dimension, over the same number of docs as the query vectors about to search it."""
+    path = work / RECORD
+    if not path.is_file():
+        raise StageMismatchError(
+            f"{path}: missing, so the index in {work} cannot be matched to model {model}. "
+            f"Fix: delete {work} and rerun to rebuild the index"
+        )
+    rec = json.loads(path.read_text())
+    got = {"model_fingerprint": model_fp, "dim": dim, "docs": docs}
+    if diff := [k for k in got if rec.get(k) != got[k]]:
+        theirs = ", ".join(f"{k} {rec.get(k)}" for k in diff)
+        ours = ", ".join(f"{k} {got[k]}" for k in diff)
+        raise StageMismatchError(
+            f"the index in {work} was built from embeddings of model {rec.get('model')!r} ({theirs}) "
+            f"but the queries are embedded with model {model!r} ({ours}). Fix: delete {work} and "
+            "rerun, so the index is rebuilt with embed.model"
+        )
+
+
+def check_query_dim(index: faiss.Index, queries: np.ndarray, path: str) -> None:
+    """The index file itself against the query vectors, where a search task loads it."""
+    if index.d != queries.shape[1]:
+        raise StageMismatchError(
+            f"{path} holds {index.d}-dim vectors but the queries are {queries.shape[1]}-dim "
+            "(embedded with another model). Fix: delete the work folder and rerun"
+        )

@@ -7,9 +7,11 @@ reason and are counted (the filter funnel):
   duplicate_of_positive   same normalised-text hash as one of the query's positives
   near_duplicate          cosine to one of the query's positives above ``near_dup_threshold``
   above_ceiling           score > max_relative * score(query, positive) (NV-Retriever TopK-PercPos);
-                          with several known positives, the lowest-scoring one sets the ceiling,
-                          so a doc suspect for one pair of a query is suspect for all its pairs
-                          (forbidden pairs are per query and the trainer masks them per query)
+                          with several known positives, the best-scoring one sets the ceiling
+                          for every pair of the query, so a doc is suspect for all of a query's
+                          pairs or for none (forbidden pairs are per query, and so is the mask);
+                          the weakest positive would reject most candidates on data where
+                          positives score unevenly (80% of Cranfield's candidates)
   out_of_window           retrieval rank outside [range_min, range_max)
   ngram_duplicate         word 3-gram Jaccard with one of the query's positives above
                           ``ngram_threshold`` (normalised text); checked only on candidates that
@@ -102,8 +104,9 @@ def mine_block(
         valid = cands[qi] >= 0
         cand, cand_score = cands[qi][valid], scores[qi][valid]
         ranks = np.flatnonzero(valid).astype(np.int32)
-        ref = float((doc_vecs[known] @ block.query_vecs[qi]).min()) if len(known) else pos_score
-        reason = _reasons(cand, cand_score, ranks, known, min(ref, pos_score), doc_vecs, doc_hash, cfg)
+        ref = float((doc_vecs[known] @ block.query_vecs[qi]).max()) if len(known) else pos_score
+        ref = max(ref, pos_score)
+        reason = _reasons(cand, cand_score, ranks, known, ref, doc_vecs, doc_hash, cfg)
         if texts is not None and len(known):
             if qi != grams_of:  # pairs of one query are adjacent: cache its docs' n-grams
                 grams, grams_of = {}, qi

@@ -192,7 +192,8 @@ def _load_parquet(path: Path, fields: Sequence[_Field], cols: ColumnsConfig) -> 
         else:  # casting ids would merge "01" and "1"; only the writer knows which was meant
             problem = f"column {col!r} is {raw.schema[col]}; {f.name} must be strings"
             raise _fail(path, None, problem, "store the column as strings")
-    return raw.select(exprs).with_row_index("_row").with_columns(pl.col("_row").cast(pl.Int64))
+    # ``_row`` last, as for the other formats: callers take the id from the first column.
+    return raw.select(exprs).with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"))
 
 
 def _first(frame: pl.DataFrame, mask: pl.Expr) -> dict | None:

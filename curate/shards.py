@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate import schema
+from curate import faults, schema
 
 MANIFEST = "manifest.json"
 PARQUET_OPTS = dict(compression="zstd", compression_level=3, write_statistics=False)
@@ -51,6 +51,8 @@ def write_shards(table: pa.Table, out_dir: Path, batches_per_shard: int) -> list
     """``table`` (SHARD schema) sorted by batch_id -> shard files; returns their file records."""
     schema.check(table, schema.SHARD, "shards")
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The manifest goes first: a crash below must not leave an old manifest over new shards.
+    (out_dir / MANIFEST).unlink(missing_ok=True)
     for stale in out_dir.glob("shard-*.parquet"):
         stale.unlink()  # a rerun with other settings may write fewer shards
     batch_ids = table.column("batch_id").to_numpy()
@@ -65,6 +67,7 @@ def write_shards(table: pa.Table, out_dir: Path, batches_per_shard: int) -> list
             for b in range(first, last):
                 writer.write_table(table.slice(bounds[b], bounds[b + 1] - bounds[b]))
         os.replace(tmp, path)
+        faults.reached("shard")  # test-only crash point
         records.append(
             {"path": path.name, "batches": last - first, "rows": bounds[last] - bounds[first],
              "sha256": sha256(path)}

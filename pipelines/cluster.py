@@ -33,9 +33,42 @@ def local_shape(cfg: ClusterConfig, cores: int | None = None) -> tuple[int, int]
     return workers, threads
 
 
+def cuda_devices() -> int:
+    """GPUs torch sees, 0 when dask-cuda is not installed (then GPUs are not given workers)."""
+    if importlib.util.find_spec("dask_cuda") is None:
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _local_cluster(cfg: ClusterConfig):
+    """-> (cluster, workers, threads per worker). One worker per GPU (dask-cuda pins each to its
+    own device) when there are GPUs and dask-cuda; else CPU workers x threads from the cores."""
+    from distributed import LocalCluster
+
+    gpus = cuda_devices() if not cfg.n_workers else 0  # an explicit n_workers means CPU workers
+    if gpus:
+        from dask_cuda import LocalCUDACluster
+
+        log.info("LocalCUDACluster: one worker per GPU (%d)", gpus)
+        cluster = LocalCUDACluster(
+            threads_per_worker=1, dashboard_address=":0", silence_logs=logging.ERROR
+        )
+        return cluster, gpus, 1
+    workers, threads = local_shape(cfg)
+    # ":0": a free port, so parallel runs never fight over 8787.
+    cluster = LocalCluster(
+        n_workers=workers, threads_per_worker=threads, processes=True,
+        dashboard_address=":0", silence_logs=logging.ERROR,
+    )
+    log.info("LocalCluster: %d worker(s) x %d thread(s)", workers, threads)
+    return cluster, workers, threads
+
+
 @contextlib.contextmanager
 def connect(cfg: ClusterConfig, quiet: bool = False) -> Iterator[Workers]:
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     # distributed sets its loggers to INFO on import; its lines would drown the run's own.
     logging.getLogger("distributed").setLevel(logging.WARNING)
@@ -49,12 +82,7 @@ def connect(cfg: ClusterConfig, quiet: bool = False) -> Iterator[Workers]:
         finally:
             client.close()
         return
-    workers, threads = local_shape(cfg)
-    # ":0": a free port, so parallel runs never fight over 8787.
-    cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=threads, processes=True,
-        dashboard_address=":0", silence_logs=logging.ERROR,
-    )
+    cluster, workers, threads = _local_cluster(cfg)
     client = Client(cluster)
     if not quiet:
         if importlib.util.find_spec("bokeh"):

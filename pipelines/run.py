@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from curate import dedup, embed, fncheck, index, mine, recall, shards
+from curate import dedup, embed, fncheck, index, mine, shards
 from curate.config import Config, DataConfig
 from curate.curation import build_rows, query_topics, shard_table
 from curate.evaluate import evaluate
 from curate.read import Dataset, read_dataset
 from curate.text import content_hash
 from pipelines.cluster import Workers, connect
-from pipelines.stages import embed_texts, mine_pairs
+from pipelines.stages import build_index_shards, embed_texts, guard_index, mine_pairs
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,24 @@ def pair_blocks(pairs: pl.DataFrame, known: dict[str, list[str]], q_row: dict, d
     return blocks
 
 
-def run(cfg: Config, quiet: bool = False) -> dict:
+# The stages ``run(cfg, stop_after=...)`` can end after (the CLI's stage subcommands).
+STAGES = ("embed", "index", "mine", "batch", "train", "eval")
+
+
+def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
+    """Every stage up to and including ``stop_after``; cached stages repeat nothing on a rerun.
+    A run that stops early returns what it has (``stopped_after`` set) and writes no report.json."""
+    if stop_after not in STAGES:
+        raise ValueError(f"stop_after={stop_after!r}; choose one of {STAGES}")
     timings: dict[str, float] = {}
     out = Path(cfg.output_dir)
+
+    def done(stage: str) -> bool:
+        return STAGES.index(stage) >= STAGES.index(stop_after)
+
+    def partial(stage: str, **got) -> dict:
+        return {"output_dir": str(out), "stopped_after": stage, "timings": timings, **got}
+
     with _timed(timings, "read"):
         ds = read_dataset(resolve_data(cfg))  # validation happens before anything is written
         pairs = train_pairs(ds, cfg)
@@ -101,10 +116,10 @@ def run(cfg: Config, quiet: bool = False) -> dict:
         corpus = dedup.add_text_hash(ds.corpus)
         fncheck.resolve_scorers(cfg)  # fncheck/teacher model folders, before any work
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    model_path = embed.resolve_model(cfg.embed.model)  # a bad model folder fails before any write
+    model_fp = embed.model_fingerprint(model_path)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    model_path = embed.resolve_model(cfg.embed.model)
-    model_fp = embed.model_fingerprint(model_path)
     texts = doc_texts(corpus)
     with connect(cfg.cluster, quiet) as workers:
         with _timed(timings, "embed"):
@@ -116,12 +131,18 @@ def run(cfg: Config, quiet: bool = False) -> dict:
                 workers, ds.queries["query_id"].to_list(), ds.queries["text"].to_list(),
                 cfg.embed.query_prefix, model_path, model_fp, cfg.embed, cache / "queries",
             )
+        if done("embed"):
+            return partial("embed")
         with _timed(timings, "index"):
-            index_fp = build_index_files(work, corpus, doc_ids, doc_vecs, model_fp, cfg)
+            index_fp = build_index_files(workers, work, corpus, doc_ids, doc_vecs, model_fp, cfg)
+            # Before any search: the index must come from the queries' model and dimension.
+            index.check_record(work, cfg.embed.model, model_fp, q_vecs.shape[1], len(doc_ids))
         with _timed(timings, "recall_guard"):  # approximate indexes: recall@k vs brute force
             train_q_vecs = q_vecs[np.isin(q_ids, pairs["query_id"].unique().to_list())]
-            nprobe, index_recall = recall.guard_work_dir(work, train_q_vecs, cfg.mine.top_k, cfg.index, cfg.seed)
+            nprobe, index_recall = guard_index(work, train_q_vecs, cfg.mine.top_k, cfg.index, cfg.seed)
             icfg = dataclasses.replace(cfg.index, nprobe=nprobe)
+        if done("index"):
+            return partial("index")
         with _timed(timings, "mine"):
             q_row = {q: i for i, q in enumerate(q_ids)}
             d_row = {d: i for i, d in enumerate(doc_ids)}
@@ -135,13 +156,19 @@ def run(cfg: Config, quiet: bool = False) -> dict:
                 cfg, mined, forbidden, funnel, known, query_text, dict(zip(doc_ids, texts))
             )
             checks["index_recall"] = index_recall
+        if done("mine"):
+            return partial("mine")
         with _timed(timings, "curate"):
             canon, dedup_info = canonical_map(cfg, corpus, doc_ids, doc_vecs, texts)
             manifest = curate_stage(cfg, out, canon, dedup_info, corpus, ds, mined, forbidden, funnel, known, q_row, q_vecs, texts, checks)
         result = {"output_dir": str(out), "shards": str(out / "shards"), "manifest": manifest}
+        if done("batch"):
+            return partial("batch", **result)
         if cfg.train.enabled:
             with _timed(timings, "train"):
                 result["model"] = str(train_stage(cfg, out, model_path))
+        if done("train"):
+            return partial("train", **result)
         if cfg.eval.enabled and cfg.data.eval_split:
             with _timed(timings, "evaluate"):
                 result["eval"] = evaluate_stage(cfg, ds, cache, workers, model_path, model_fp, texts, result.get("model"))
@@ -151,7 +178,7 @@ def run(cfg: Config, quiet: bool = False) -> dict:
     return result
 
 
-def build_index_files(work: Path, corpus: pl.DataFrame, doc_ids: list[str], doc_vecs: np.ndarray,
+def build_index_files(workers: Workers, work: Path, corpus: pl.DataFrame, doc_ids: list[str], doc_vecs: np.ndarray,
                       model_fp: str, cfg: Config) -> str:
     """Index plus the arrays mine tasks memory-map; skipped when the same embeddings are indexed."""
     import pyarrow as pa
@@ -159,16 +186,15 @@ def build_index_files(work: Path, corpus: pl.DataFrame, doc_ids: list[str], doc_
     index_fp = content_hash([model_fp, json.dumps(dataclasses.asdict(cfg.index), sort_keys=True), *doc_ids,
                              str(doc_vecs.shape), str(float(doc_vecs.sum()))])
     stamp = work / "index.fingerprint"
-    if stamp.is_file() and stamp.read_text() == index_fp and (work / "doc_texts.arrow").is_file():
+    ready = (work / "doc_texts.arrow").is_file() and (work / index.RECORD).is_file()
+    if stamp.is_file() and stamp.read_text() == index_fp and ready:
         return index_fp
     mine.write_doc_texts(work / "doc_texts.arrow", doc_texts(corpus))
     np.save(work / "doc_vecs.npy", doc_vecs)
     np.save(work / "doc_hash.npy", np.array([int(h[:16], 16) for h in corpus["hash"]], dtype=np.uint64))
     shards.write_table(work / "doc_ids.parquet", pa.table({"doc_id": doc_ids}))
-    gpu = index.use_gpu(cfg.index.use_gpu)
-    built = index.build_index(doc_vecs, cfg.index, cfg.seed)
-    index.save_index(built, work / "index.faiss")
-    log.info("index on %s", "GPU at search time" if gpu else "CPU")
+    build_index_shards(workers, work, cfg.index, cfg.seed)  # one index per contiguous shard
+    index.write_record(work, cfg.embed.model, model_fp, doc_vecs.shape[1], len(doc_ids))
     shards.atomic_write_bytes(stamp, index_fp.encode())
     return index_fp
 

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from dataclasses import asdict
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate import embed, index, mine, schema
+from curate import embed, faults, index, mine, schema
 from curate.config import EmbedConfig, IndexConfig, MineConfig
+from curate.errors import ConfigError
 from curate.progress import track
 from curate.shards import write_table
 from curate.text import content_hash
@@ -29,7 +30,7 @@ def _gather(workers: Workers, futures: list, desc: str) -> list:
     from distributed import as_completed
 
     for _ in track(as_completed(futures), total=len(futures), desc=desc):
-        pass
+        faults.reached(desc.split()[0])  # test-only crash point: "embed", "index", "mine"
     return workers.client.gather(futures)
 
 
@@ -45,7 +46,8 @@ def embed_texts(
 ) -> tuple[list[str], np.ndarray]:
     """Embed on the cluster, one task per partition; -> (ids, [N, D] float32) in input order."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    settings = json.dumps({k: v for k, v in asdict(cfg).items() if k != "partition_size"}, sort_keys=True)
+    settings = {k: v for k, v in asdict(cfg).items() if k != "partition_size"}
+    settings = json.dumps({**settings, "compute_dtype": embed.local_dtype(cfg)}, sort_keys=True)
     futures, paths = [], []
     for start in range(0, len(ids), cfg.partition_size):
         part_ids, part_texts = ids[start : start + cfg.partition_size], texts[start : start + cfg.partition_size]
@@ -67,14 +69,104 @@ def embed_texts(
     return got_ids, vecs
 
 
-@lru_cache(maxsize=2)
-def _load_index(path: str, nprobe: int):
-    return index.load_index(Path(path), nprobe)
+# --- index: one file per contiguous shard of the corpus -----------------------------------
+
+
+def index_paths(work_dir: Path, shards: int) -> list[Path]:
+    """``index.faiss`` unsharded (what the recall guard reads), else one file per shard."""
+    if shards == 1:
+        return [work_dir / "index.faiss"]
+    return [work_dir / f"index.shard-{s:05d}-of-{shards:05d}.faiss" for s in range(shards)]
+
+
+def _shard_layout(work_dir: Path, icfg: IndexConfig) -> tuple[list[Path], list[tuple[int, int]]]:
+    n = np.load(work_dir / "doc_vecs.npy", mmap_mode="r").shape[0]
+    bounds = index.shard_bounds(n, icfg.shards)
+    return index_paths(work_dir, icfg.shards)[: len(bounds)], bounds
+
+
+def _build_shard(trained: str, vecs_path: str, start: int, stop: int, out_path: str, threads: int) -> str:
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    shard = faiss.read_index(trained)
+    index.add_in_chunks(shard, np.load(vecs_path, mmap_mode="r")[start:stop])
+    index.save_index(shard, Path(out_path))
+    return out_path
+
+
+def build_index_shards(workers: Workers, work_dir: Path, icfg: IndexConfig, seed: int) -> list[Path]:
+    """Train once here on a sample of ``doc_vecs.npy`` (so every shard shares one quantizer), then
+    fill one index per contiguous shard of the corpus in a Dask task each."""
+    doc_vecs = np.load(work_dir / "doc_vecs.npy", mmap_mode="r")
+    trained = work_dir / "index.trained.faiss"
+    index.save_index(index.trained_index(doc_vecs, icfg, seed), trained)
+    paths, bounds = _shard_layout(work_dir, icfg)
+    futures = [
+        workers.client.submit(
+            _build_shard, str(trained), str(work_dir / "doc_vecs.npy"), a, b, str(path),
+            workers.torch_threads, key=f"index-{path.name}-{a}-{b}", pure=False,
+        )
+        for path, (a, b) in zip(paths, bounds)
+    ]
+    _gather(workers, futures, "index")
+    trained.unlink()
+    log.info("built %d index shard(s) of %s over %d docs", len(paths),
+             index.choose_factory(*doc_vecs.shape, icfg), len(doc_vecs))
+    return paths
+
+
+def guard_index(work_dir: Path, queries: np.ndarray, k: int, icfg: IndexConfig, seed: int):
+    """``recall.guard`` on the whole (possibly sharded) index -> (nprobe, manifest record)."""
+    from curate import recall
+
+    if icfg.shards == 1:
+        return recall.guard_work_dir(work_dir, queries, k, icfg, seed)
+    paths, _ = _shard_layout(work_dir, icfg)
+    shards = [index.load_index(p, icfg.nprobe) for p in paths]
+    if recall.is_exact(shards[0]):  # flat shards: exact, the guard returns at once
+        nprobe, rec = recall.guard(shards[0], None, queries, k, icfg, seed)
+        return nprobe, {**rec, "k": min(k, sum(s.ntotal for s in shards)), "shards": len(shards)}
+    doc_vecs = np.load(work_dir / "doc_vecs.npy", mmap_mode="r")
+    nprobe, rec = recall.guard(index.join_shards(shards), doc_vecs, queries, k, icfg, seed)
+    return nprobe, {**rec, "shards": len(shards)}
+
+
+# --- mine: a search task per (query block, shard), then one mine task per block ----------
+
+
+_INDEXES: dict[tuple, object] = {}
+
+
+def _loaded_index(path: str, nprobe: int, gpu: bool):
+    """Index shards held by this worker process, keyed by file version so a rebuilt index is
+    reloaded; on the GPU when ``gpu``."""
+    key = (path, os.stat(path).st_mtime_ns, nprobe, gpu)
+    if key not in _INDEXES:
+        for old in [k for k in _INDEXES if k[0] == path]:
+            del _INDEXES[old]
+        loaded = index.load_index(Path(path), nprobe)
+        _INDEXES[key] = index.to_gpu(loaded, nprobe) if gpu else loaded
+    return _INDEXES[key]
+
+
+def _search_task(queries: np.ndarray, index_path: str, k: int, icfg: IndexConfig, threads: int):
+    """Top-k of one query block in one shard -> (D [Q, k'], I [Q, k'] local to the shard)."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    gpu = index.use_gpu(icfg.use_gpu)
+    if gpu and k > index.GPU_MAX_K:
+        raise ConfigError(f"mine.top_k={k}: faiss on GPU returns at most {index.GPU_MAX_K} "
+                          "neighbours; lower mine.top_k or set index.use_gpu=never")
+    shard = _loaded_index(index_path, icfg.nprobe, gpu)
+    index.check_query_dim(shard, queries, index_path)
+    return index.search(shard, queries, k, icfg.query_block)
 
 
 def _mine_task(
-    block: mine.PairBlock, out_path: str, index_path: str, vecs_path: str, hash_path: str,
-    doc_ids_path: str, icfg: IndexConfig, mcfg: MineConfig, seed: int,
+    block: mine.PairBlock, out_path: str, parts: list, offsets: list[int], vecs_path: str,
+    hash_path: str, doc_ids_path: str, mcfg: MineConfig, seed: int,
 ) -> str:
     path = Path(out_path)
     if path.exists():
@@ -82,7 +174,9 @@ def _mine_task(
     doc_vecs = np.load(vecs_path, mmap_mode="r")
     doc_hash = np.load(hash_path, mmap_mode="r")
     doc_ids = pq.read_table(doc_ids_path).column("doc_id").to_pylist()
-    scores, cands = index.search(_load_index(index_path, icfg.nprobe), block.query_vecs, mcfg.top_k, icfg.query_block)
+    # Per-shard hits -> the exact global top-k (ties on the lower doc number): one code path
+    # whatever the shard count, so sharded and unsharded flat runs mine the same negatives.
+    scores, cands = index.merge_topk(parts, offsets, mcfg.top_k)
     res = mine.mine_block(block, scores, cands, doc_vecs, doc_hash, mcfg, seed)
     table = pa.table(
         {
@@ -115,6 +209,13 @@ def _forbidden_path(path: Path) -> Path:
     return path.with_name(path.stem + ".forbidden.parquet")
 
 
+def _home(homes: list[str], shard: int) -> dict:
+    """Submit options that prefer worker ``shard`` mod #workers (any worker if it is gone)."""
+    if not homes:
+        return {}
+    return {"workers": [homes[shard % len(homes)]], "allow_other_workers": True}
+
+
 def mine_pairs(
     workers: Workers,
     blocks: list[mine.PairBlock],
@@ -124,22 +225,37 @@ def mine_pairs(
     mcfg: MineConfig,
     seed: int,
 ) -> tuple[pa.Table, pa.Table, Counter]:
-    """Mine every block on the cluster -> (MINED table, FORBIDDEN table, filter funnel)."""
+    """Mine every block on the cluster -> (MINED table, FORBIDDEN table, filter funnel).
+
+    Each block is searched in every index shard by its own task (shard s prefers worker s mod
+    #workers, so a worker holds only its shards in memory); the block's mine task merges the
+    per-shard hits into the global top-k and filters them."""
     part_dir = work_dir / "mined"
     part_dir.mkdir(parents=True, exist_ok=True)
     settings = json.dumps([asdict(mcfg), icfg.nprobe, seed], sort_keys=True)
-    args = [str(work_dir / n) for n in ("index.faiss", "doc_vecs.npy", "doc_hash.npy", "doc_ids.parquet")]
+    args = [str(work_dir / n) for n in ("doc_vecs.npy", "doc_hash.npy", "doc_ids.parquet")]
+    shard_paths, bounds = _shard_layout(work_dir, icfg)
+    offsets = [a for a, _ in bounds]
+    homes = sorted(workers.client.scheduler_info()["workers"]) if len(shard_paths) > 1 else []
     futures, paths = [], []
     for block in blocks:
         key = content_hash([index_fp, settings, *block.query_ids, *block.pos_ids])
         path = part_dir / f"{key}.parquet"
         paths.append(path)
-        if not path.exists():
-            futures.append(
-                workers.client.submit(
-                    _mine_task, block, str(path), *args, icfg, mcfg, seed, key=f"mine-{key}", pure=False
-                )
+        if path.exists():
+            continue
+        parts = [
+            workers.client.submit(
+                _search_task, block.query_vecs, str(sp), mcfg.top_k, icfg, workers.torch_threads,
+                key=f"search-{key}-{s}", pure=False, **_home(homes, s),
             )
+            for s, sp in enumerate(shard_paths)
+        ]
+        futures.append(
+            workers.client.submit(
+                _mine_task, block, str(path), parts, offsets, *args, mcfg, seed, key=f"mine-{key}", pure=False
+            )
+        )
     log.info("mining %d query blocks: %d cached", len(blocks), len(blocks) - len(futures))
     _gather(workers, futures, "mine")
     tables, forbidden, funnel = [], [], Counter()

@@ -25,7 +25,7 @@ import polars as pl
 import torch
 
 from curate.config import EmbedConfig, TrainConfig
-from curate.embed import pool
+from curate.embed import pool, pretrained
 from curate.progress import track
 from curate.shards import iter_batches, read_manifest
 from train.gradcache import gradcache_backward, plain_backward
@@ -71,7 +71,10 @@ def batch_columns(rows: pl.DataFrame, forbidden: dict[str, set[str]]):
 
 def batch_masks(cfg: TrainConfig, col_ids, known, rejected):
     """-> (mask [B, C], positives [B, C] or None). Forbidden docs are always masked; known
-    positives are masked, or are targets under the multi-positive loss."""
+    positives are masked, or are targets under the multi-positive loss. ``cfg.mask`` false (an
+    ablation) drops both: only repeated columns stay masked."""
+    if not cfg.mask:
+        known, rejected = [set() for _ in known], None
     if cfg.loss == "multi_positive":
         return multi_positive_masks(col_ids, known, len(known), rejected)
     return build_mask(col_ids, known, len(known), rejected), None
@@ -197,9 +200,8 @@ def train(
     out_dir, shard_dir = Path(out_dir), Path(shard_dir)
     ckpt_dir = out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    kw = {"local_files_only": True, "trust_remote_code": embed_cfg.trust_remote_code}
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path), **kw)
-    model = AutoModel.from_pretrained(str(model_path), **kw)
+    tokenizer = pretrained(AutoTokenizer, model_path, embed_cfg.trust_remote_code)
+    model = pretrained(AutoModel, model_path, embed_cfg.trust_remote_code)
     model.train()
     n_batches = sum(f["batches"] for f in read_manifest(shard_dir)["files"])
     total = min(cfg.max_steps or math.inf, cfg.epochs * n_batches)
@@ -215,7 +217,8 @@ def train(
 
     step = 0
     if (ckpt := latest_checkpoint(ckpt_dir)) is not None:
-        state = torch.load(ckpt / "state.pt", weights_only=False)
+        # Tensors, numbers, lists and dicts only: the restricted unpickler runs no code.
+        state = torch.load(ckpt / "state.pt", weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])

@@ -1,0 +1,116 @@
+"""The ``curate`` command line, driven in-process through ``curate.cli.main`` (and once as
+``python -m curate``): help texts, validate, config errors, optional subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from curate import cli
+
+COMMANDS = ("run", "embed", "index", "mine", "batch", "train", "eval", "loop", "export",
+            "report", "validate")  # fmt: skip
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_every_command_is_registered(capsys):
+    assert set(_subparsers()) == set(COMMANDS)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help_lists_every_option_with_its_default(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([name, "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # undo the help's line wrapping
+    out = out[out.index("options:") :]
+    options = [a for a in _subparsers()[name]._actions if a.option_strings and a.dest != "help"]
+    # each option's entry (from its flag to the next option's flag) names its default
+    starts = []
+    for action in options:
+        starts.append(out.index(action.option_strings[-1], starts[-1] + 1 if starts else 0))
+    for action, start, end in zip(options, starts, [*starts[1:], len(out)]):
+        assert "default" in out[start:end], f"curate {name} {action.option_strings[-1]}"
+
+
+def test_validate_prints_what_it_found(cranfield, capsys):
+    code = cli.main(["validate", "--data", str(cranfield), "--set", "data.empty_text=skip", "-q"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for line in ("config ok", "docs: 1398", "skipped_empty_docs: 2", "queries: 225",
+                 "qrels.test:", "train_pairs:", "nothing was run"):  # fmt: skip
+        assert line in out, line
+
+
+def test_unknown_key_gets_did_you_mean_and_exit_2(capsys):
+    assert cli.main(["validate", "--set", "mine.num_negative=3", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0  # one line, no traceback
+    assert "unknown key 'num_negative'" in err and "did you mean 'num_negatives'" in err
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [("batch.batch_size=1", "out of range"), ("mine.top_k=many", "expected an integer"),
+     ("batch.shared_positives=drop", "choose one of")],
+)  # fmt: skip
+def test_bad_values_are_named_before_any_work(setting, message, capsys, tmp_path):
+    out = tmp_path / "never-written"
+    assert cli.main(["mine", "--output", str(out), "--set", setting, "-q"]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_python_dash_m_curate_exits_2_with_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "curate", "validate", "--set", "mine.num_negative=3"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "did you mean 'num_negatives'" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "name, argv", [("loop", ["loop", "-q"]), ("export", ["export", ".", "-q"])]
+)
+def test_missing_optional_module_exits_2(name, argv, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_optional", lambda module, need: None)
+    assert cli.main(argv) == 2
+    assert f"`curate {name}` is not available in this version" in capsys.readouterr().err
+
+
+def test_report_of_an_empty_folder_is_a_one_line_error(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "no curate run here" in err and "Traceback" not in err
+
+
+def test_python_api_mirrors_the_cli(cranfield):
+    import curate
+    from curate import api
+
+    for name in COMMANDS:  # one function per subcommand (eval -> evaluate, report -> write_report)
+        fn = {"eval": "evaluate", "report": "write_report"}.get(name, name)
+        assert callable(getattr(api, fn)), name
+    assert curate.run is api.run and curate.write_report is api.write_report
+    cfg = api.as_config({"data": {"path": str(cranfield)}}, ["data.empty_text=skip"])
+    assert api.as_config(cfg, ["mine.num_negatives=5"]).mine.num_negatives == 5
+    found = curate.validate(cfg)
+    assert found["stats"]["docs"] == 1398 and found["stats"]["train_pairs"] > 0
+    with pytest.raises(curate.ConfigError, match="did you mean 'num_negatives'"):
+        api.as_config(cfg, ["mine.num_negative=5"])

@@ -1,0 +1,134 @@
+"""Embedding: token-budget batching, agreement with sentence-transformers, the dtype choice, and
+resume of the Dask embedding stage by content hash."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from curate.config import ClusterConfig, EmbedConfig
+from curate.embed import (
+    Encoder,
+    model_fingerprint,
+    resolve_dtype,
+    resolve_model,
+    token_budget_batches,
+)
+from curate.errors import ConfigError
+
+SENTENCES = [
+    "The boundary layer separates at high angles of attack.",
+    "a",
+    "Heat transfer in hypersonic flow over a flat plate with a very long leading edge region",
+    "What similarity laws must be obeyed when constructing aeroelastic models of heated high speed aircraft?",
+    "Nozzle flow.",
+]
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("budget", [1, 40, 256, 5000])
+def test_token_budget_batches_cover_every_row_once_sorted_and_within_budget(seed, budget):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 300, size=int(rng.integers(1, 400)))
+    batches = token_budget_batches(lengths, budget)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))  # every index exactly once
+    assert np.all(np.diff(lengths[flat]) <= 0)  # longest first, across and within batches
+    for i, b in enumerate(batches):
+        longest = lengths[b].max()
+        assert len(b) * longest <= budget or len(b) == 1  # only a lone oversize row exceeds
+        if i + 1 < len(batches):
+            assert (len(b) + 1) * longest > budget  # greedy: one more row would not have fit
+    assert sum(len(b) for b in batches) == len(lengths)
+
+
+def test_token_budget_batches_fill_up_to_the_budget():
+    assert [b.tolist() for b in token_budget_batches(np.array([3, 10, 3, 3, 5]), 10)] == [
+        [1],
+        [4, 0],
+        [2, 3],
+    ]
+
+
+def test_encoder_matches_sentence_transformers_on_minilm_fp32():
+    from sentence_transformers import SentenceTransformer
+
+    path = resolve_model("all-MiniLM-L6-v2")
+    st = SentenceTransformer(str(path), device="cpu")
+    want = st.encode(SENTENCES, normalize_embeddings=True, convert_to_numpy=True)
+    enc = Encoder.load(
+        EmbedConfig(dtype="float32", device="cpu", max_length=st.max_seq_length), path
+    )
+    got = enc.encode(SENTENCES)
+    assert got.shape == want.shape == (5, 384)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_bf16_on_cpu_stays_close_to_fp32(tiny_model):
+    fp32 = Encoder.load(EmbedConfig(dtype="float32", device="cpu"), tiny_model).encode(SENTENCES)
+    bf16 = Encoder.load(EmbedConfig(dtype="bfloat16", device="cpu"), tiny_model).encode(SENTENCES)
+    assert bf16.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(bf16, axis=1), 1.0, atol=1e-5)
+    assert (fp32 * bf16).sum(1).min() > 0.99  # cosine of each pair
+
+
+def test_resolve_dtype():
+    from curate.embed import cpu_has_native_bf16
+
+    assert resolve_dtype("auto", "cpu") == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    assert resolve_dtype("int8", "cpu") == "int8"
+    assert resolve_dtype("float32", "cuda") == "float32"
+    with pytest.raises(ConfigError, match="int8"):
+        resolve_dtype("int8", "cuda")
+
+
+class CountingClient:
+    """A real Dask client that counts the tasks submitted through it."""
+
+    def __init__(self, client):
+        self.client, self.submitted = client, []
+
+    def submit(self, *args, key=None, **kw):
+        self.submitted.append(key)
+        return self.client.submit(*args, key=key, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
+def test_embed_texts_resumes_by_content_hash(tmp_path, tiny_model):
+    from pipelines.cluster import Workers, connect
+    from pipelines.stages import embed_texts
+
+    cfg = EmbedConfig(model=str(tiny_model), max_length=32, partition_size=4, dtype="float32")
+    ids = [f"d{i}" for i in range(10)]
+    texts = [f"text number {i} " * (i + 1) for i in range(10)]
+    fp = model_fingerprint(tiny_model)
+    with connect(ClusterConfig(n_workers=1, threads_per_worker=1), quiet=True) as w:
+        counting = CountingClient(w.client)
+        workers = Workers(counting, w.n_workers, 1)
+        got_ids, first = embed_texts(workers, ids, texts, "", tiny_model, fp, cfg, tmp_path)
+        assert got_ids == ids and first.shape == (10, 32)
+        assert len(counting.submitted) == 3  # 4 + 4 + 2 texts
+        files = sorted(tmp_path.glob("*.parquet"))
+        stamps = {p: p.stat().st_mtime_ns for p in files}
+
+        counting.submitted.clear()
+        _, again = embed_texts(workers, ids, texts, "", tiny_model, fp, cfg, tmp_path)
+        assert counting.submitted == []  # every partition found on disk
+        assert {p: p.stat().st_mtime_ns for p in files} == stamps
+        np.testing.assert_array_equal(again, first)
+
+        # One changed text re-embeds only its partition; the others are reused.
+        texts[5] = "an edited text"
+        _, edited = embed_texts(workers, ids, texts, "", tiny_model, fp, cfg, tmp_path)
+        assert len(counting.submitted) == 1
+        assert len(list(tmp_path.glob("*.parquet"))) == 4
+        np.testing.assert_array_equal(edited[[0, 1, 2, 3, 8, 9]], first[[0, 1, 2, 3, 8, 9]])
+
+        # float16 storage is a different cache entry and reads back as float32.
+        counting.submitted.clear()
+        half = EmbedConfig(**{**cfg.__dict__, "store_dtype": "float16"})
+        _, h = embed_texts(workers, ids, texts, "", tiny_model, fp, half, tmp_path)
+        assert len(counting.submitted) == 3 and h.dtype == np.float32
+        np.testing.assert_allclose(h, edited, atol=1e-3)

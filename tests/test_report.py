@@ -1,0 +1,119 @@
+"""``curate report`` on a small real run driven through the CLI (``curate mine`` then
+``curate run``, which reuses what mine wrote): every section, every embedded PNG, offline."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from curate import cli
+from curate.errors import CurateError
+from curate.report import SECTIONS, load_run, render, write_report
+from curate.report_sections import funnel_rows
+
+PNG = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+
+
+def _config(out: Path, data: Path, model: Path) -> dict:
+    return {
+        "output_dir": str(out),
+        "seed": 3,
+        "data": {"path": str(data), "empty_text": "skip", "max_train_queries": 24},
+        "embed": {"model": str(model), "max_length": 32, "partition_size": 700},
+        # a random tiny BERT scores everything alike: loosen the score filters (see test_pipeline)
+        "mine": {"top_k": 20, "num_negatives": 3, "range_max": 20, "max_relative": None,
+                 "near_dup_threshold": 0.99999},
+        "batch": {"batch_size": 8, "batches_per_shard": 2},
+        "train": {"max_steps": 3, "max_length": 16, "checkpoint_every": 2},
+        "eval": {"max_queries": 10},
+        "cluster": {"n_workers": 1, "threads_per_worker": 1},
+    }  # fmt: skip
+
+
+def _images(page: str) -> list[Image.Image]:
+    images = []
+    for b64 in PNG.findall(page):
+        img = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
+        img.load()  # decodes every pixel; raises on a truncated or corrupt PNG
+        images.append(img)
+    return images
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, cranfield, tiny_model):
+    root = tmp_path_factory.mktemp("report-run")
+    cfg = root / "small.yaml"
+    cfg.write_text(yaml.safe_dump(_config(root / "out", cranfield, tiny_model)))
+    assert cli.main(["mine", "-c", str(cfg), "-q"]) == 0
+    out = root / "out"
+    assert not (out / "shards").exists() and not (out / "report.json").exists()
+    mined = {p: p.stat().st_mtime_ns for p in (out / "work").rglob("*") if p.is_file()}
+    assert cli.main(["run", "-c", str(cfg), "-q"]) == 0
+    # the stages mine ran were cached: run rewrote none of their files
+    assert {p: p.stat().st_mtime_ns for p in mined} == mined
+    return out
+
+
+def test_run_writes_a_report_with_every_section(run_dir):
+    page = (run_dir / "report.html").read_text()
+    for title in SECTIONS.values():
+        assert f"<h2>{title}</h2>" in page
+    images = _images(page)
+    assert len(images) == 5  # funnel, scores, topics, batches, training; no loop: no curve
+    assert all(img.format == "PNG" and img.width > 200 and img.height > 100 for img in images)
+    funnel = json.loads((run_dir / "shards" / "manifest.json").read_text())["funnel"]
+    assert f"<td>candidates</td><td>{funnel['candidates']:,}</td>" in page
+    assert f"<td>kept</td><td>{funnel['kept']:,}</td>" in page
+    assert "dropped: known_positive" in page  # dropped-candidate scores from forbidden.parquet
+    assert "<td>ndcg@10</td>" in page and "no retrain loop here" in page
+
+
+def test_report_is_self_contained(run_dir):
+    page = (run_dir / "report.html").read_text()
+    assert "<script" not in page and "<link" not in page
+    assert not re.search(r"(src|href)=\"(?!data:|#)", page)  # nothing to fetch
+
+
+def test_loop_json_adds_the_per_round_curve(run_dir, tmp_path):
+    rounds = [{"round": r, "model": "m", "ndcg@10": 0.1 * r, "recall@100": 0.5, "mrr@10": 0.2}
+              for r in range(3)]  # fmt: skip
+    (run_dir / "loop.json").write_text(json.dumps({"rounds": rounds}))
+    try:
+        assert cli.main(["report", str(run_dir), "-o", str(tmp_path / "r.html"), "-q"]) == 0
+    finally:
+        (run_dir / "loop.json").unlink()
+    page = (tmp_path / "r.html").read_text()
+    assert "<h3>Retrain loop</h3>" in page and len(_images(page)) == 6
+
+
+def test_missing_parts_become_notes(run_dir):
+    data = load_run(run_dir)
+    data.forbidden = data.forbidden.drop("score")  # a run from before forbidden had scores
+    data.train_log, data.report = [], None
+    page = render(data)
+    assert "has no score column" in page
+    assert "no training log" in page and "no evaluation in report.json" in page
+    assert len(_images(page)) == 4
+
+
+def test_funnel_rows_keep_pipeline_order():
+    rows = funnel_rows({"kept": 2, "candidates": 10, "not_selected": 3, "above_ceiling": 4,
+                        "known_positive": 1, "some_new_rule": 0})  # fmt: skip
+    names = [n for n, _ in rows]
+    assert names[0] == "candidates" and names[-1] == "kept"
+    assert (
+        names.index("known_positive") < names.index("above_ceiling") < names.index("not_selected")
+    )
+    assert "some_new_rule" in names and dict(rows)["out_of_window"] == 0
+
+
+def test_report_of_nothing_raises(tmp_path):
+    with pytest.raises(CurateError, match="no curate run here"):
+        write_report(tmp_path)
