@@ -173,7 +173,8 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
             with _timed(timings, "evaluate"):
                 result["eval"] = evaluate_stage(cfg, ds, cache, workers, model_path, model_fp, texts, result.get("model"))
     result["timings"] = timings
-    result["docs_per_s"] = round(len(doc_ids) / max(timings["embed"], 1e-9), 1)
+    # docs + queries over the whole embed stage, worker start-up and model loading included
+    result["texts_per_s"] = round((len(doc_ids) + len(q_ids)) / max(timings["embed"], 1e-9), 1)
     shards.write_json(out / "report.json", result)
     return result
 
