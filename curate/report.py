@@ -18,6 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from curate import report_sections as s
+from curate.report_quality import quality_section
 from curate.errors import CurateError
 from curate.shards import MANIFEST, atomic_write_bytes
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 SECTIONS = {
     "overview": "Overview",
     "funnel": "Filter funnel",
+    "quality": "Mining quality",
     "scores": "Score distributions",
     "topics": "Topic clusters",
     "batches": "Batches",
@@ -104,6 +106,7 @@ def load_run(out: str | Path) -> RunData:
 RENDER = {
     "overview": s.overview,
     "funnel": s.funnel_section,
+    "quality": quality_section,
     "scores": s.scores_section,
     "topics": s.topics_section,
     "batches": s.batches_section,
