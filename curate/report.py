@@ -18,8 +18,8 @@ from pathlib import Path
 import polars as pl
 
 from curate import report_sections as s
-from curate.report_quality import quality_section
 from curate.errors import CurateError
+from curate.report_quality import quality_section
 from curate.shards import MANIFEST, atomic_write_bytes
 
 log = logging.getLogger(__name__)

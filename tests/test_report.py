@@ -74,7 +74,10 @@ def test_run_writes_a_report_with_every_section(run_dir):
     assert "dropped: known_positive" in page  # dropped-candidate scores from forbidden.parquet
     assert "<td>ndcg@10</td>" in page and "no retrain loop here" in page
     quality = json.loads((run_dir / "shards" / "manifest.json").read_text())["mining_quality"]
-    assert f"<td>pairs left without negatives</td><td>{quality['pairs_without_negatives']}</td>" in page
+    assert (
+        f"<td>pairs left without negatives</td><td>{quality['pairs_without_negatives']}</td>"
+        in page
+    )
     assert "exact (flat) search" in page and "targeted false-negative check: off" in page
 
 
