@@ -52,7 +52,11 @@ class TreeMemory:
         import psutil
 
         rss = pss = 0
-        for p in [self.proc, *self.proc.children(recursive=True)]:
+        try:
+            procs = [self.proc, *self.proc.children(recursive=True)]
+        except psutil.NoSuchProcess:  # the measured process has exited
+            return
+        for p in procs:
             try:
                 info = p.memory_full_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied):

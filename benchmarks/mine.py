@@ -4,16 +4,19 @@
 Each side runs in its own subprocess (python start-up and imports included), measured from
 outside: wall time, CPU seconds of the whole process tree, and the peak of the summed RSS and PSS
 of the tree (curate's Dask workers are separate processes; PSS shares library pages fairly).
-Each side runs twice: cold (empty caches) and warm (embeddings cached: curate's content-addressed
-cache, ST's ``cache_folder``). Overlap: per (query, positive) pair, the share of ST's negatives
-that curate also chose, compared by text (ST de-duplicates the corpus by text).
+Runs (``RUNS``): each side cold (empty caches), then warm (embeddings cached: curate's
+content-addressed cache, ST's ``cache_folder``), then warm variants: curate without its n-gram
+rule, and both sides without a ceiling (for the overlap). Overlap: per (query, positive) pair,
+the share of ST's negatives that curate also chose, compared by text (ST de-duplicates the corpus
+by text).
 
 Settings, both sides: all-MiniLM-L6-v2, max length 256, 7 negatives, "top" sampling, candidates
 from the top range_max (ST: range_max after dropping the query's positives, searching
 range_max + max_positives; curate: top_k = range_max + max_positives, every rank kept), and the
-NV-Retriever 95% ceiling (ST relative_margin=0.05, curate max_relative=0.95; the same for positive
-scores). curate also drops duplicates / near-duplicates / n-gram duplicates of the positives,
-which ST does not do: those are the negatives the two sides disagree on by design.
+NV-Retriever 95% ceiling (ST relative_margin=0.05, curate max_relative=0.95). The ceilings differ
+with several positives: ST takes the query's weakest positive, curate (curate/mine.py) its
+best-scoring one, so ST drops far more candidates on Cranfield (~7 positives per query). curate
+also drops duplicates / near-duplicates / n-gram duplicates of the positives, which ST does not.
 curate runs with training, evaluation and the optional scorers off (embed, index, mine, curate
 batches and write shards).
 
@@ -70,7 +73,7 @@ def side_st(args, work: Path) -> dict:
         corpus=list(text.values()),
         range_min=0,
         range_max=args.range_max,
-        relative_margin=1 - args.ceiling,
+        relative_margin=(1 - args.ceiling) if args.ceiling else None,
         num_negatives=args.negatives,
         sampling_strategy="top",
         use_faiss=True,
@@ -102,7 +105,8 @@ def side_curate(args, work: Path) -> dict:
                 "top_k": top_k,
                 "range_max": top_k,
                 "num_negatives": args.negatives,
-                "max_relative": args.ceiling,
+                "max_relative": args.ceiling or None,
+                **({"ngram_threshold": None} if args.no_ngram else {}),
                 "strategy": "top",
             },
             "train": {"enabled": False},
@@ -134,18 +138,33 @@ def overlap(st: dict, cur: dict, k: int) -> dict:
     }
 
 
+RUNS = [  # (label, side, extra arguments); all "warm" runs reuse the caches of the cold ones
+    ("st-cold", "st", []),
+    ("curate-cold", "curate", []),
+    ("st-warm", "st", []),
+    ("curate-warm", "curate", []),
+    ("curate-warm-no-ngram", "curate", ["--no-ngram"]),  # without the filter ST does not have
+    ("st-warm-no-ceiling", "st", ["--ceiling=0"]),  # overlap without either ceiling rule
+    ("curate-warm-no-ceiling", "curate", ["--ceiling=0"]),
+]
+COMPARE = [  # (name, ST run, curate run)
+    ("cold", "st-cold", "curate-cold"),
+    ("warm", "st-warm", "curate-warm"),
+    ("warm, curate n-gram rule off", "st-warm", "curate-warm-no-ngram"),
+]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--side", choices=["st", "curate"])
     ap.add_argument("--work")
     ap.add_argument("--range-max", type=int, default=50)
     ap.add_argument("--negatives", type=int, default=7)
-    ap.add_argument("--ceiling", type=float, default=0.95)
+    ap.add_argument("--ceiling", type=float, default=0.95, help="0: no ceiling rule on either side")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--curate-dtype", default="auto")
-    ap.add_argument(
-        "--extra-fp32", action="store_true", help="also run curate in fp32 (overlap only)"
-    )
+    ap.add_argument("--no-ngram", action="store_true", help="curate: n-gram duplicate rule off")
+    ap.add_argument("--extra-fp32", action="store_true", help="also run curate in fp32 (overlap)")
     args = ap.parse_args()
     if args.side:  # one side, in a subprocess: print its JSON result as the last line
         fn = side_st if args.side == "st" else side_curate
@@ -154,29 +173,26 @@ def main() -> None:
     common = [
         f"--range-max={args.range_max}",
         f"--negatives={args.negatives}",
-        f"--ceiling={args.ceiling}",
         f"--max-length={args.max_length}",
     ]
+    runs = RUNS + (
+        [("curate-fp32", "curate", ["--curate-dtype=float32"])] if args.extra_fp32 else []
+    )
     work = Path(tempfile.mkdtemp(prefix="curate-bench-mine-"))
     res = {}
     try:
-        runs = [
-            ("st", "cold", []),
-            ("curate", "cold", []),
-            ("st", "warm", []),
-            ("curate", "warm", []),
-        ]
-        if args.extra_fp32:
-            runs.append(("curate", "fp32", ["--curate-dtype=float32"]))
-        for side, phase, extra in runs:
-            sub = work / ("fp32" if phase == "fp32" else "main")
+        for label, side, extra in runs:
+            sub = work / ("fp32" if "fp32" in label else "main")
             sub.mkdir(exist_ok=True)
-            res[f"{side}-{phase}"] = run_side(
-                [__file__, f"--side={side}", f"--work={sub}", *common, *extra]
+            ceiling = (
+                []
+                if any(e.startswith("--ceiling") for e in extra)
+                else [f"--ceiling={args.ceiling}"]
             )
-            r = res[f"{side}-{phase}"]
+            argv = [__file__, f"--side={side}", f"--work={sub}", *common, *ceiling, *extra]
+            r = res[label] = run_side(argv)
             print(
-                f"{side}-{phase}: wall {r['wall_s']}s cpu {r['cpu_s']}s peak RSS {r['peak_rss_mb']} MB "
+                f"{label}: wall {r['wall_s']}s cpu {r['cpu_s']}s peak RSS {r['peak_rss_mb']} MB "
                 f"PSS {r['peak_pss_mb']} MB",
                 file=sys.stderr,
                 flush=True,
@@ -187,40 +203,37 @@ def main() -> None:
         f"machine: {machine()}; Cranfield train pairs, range_max {args.range_max}, "
         f"{args.negatives} negatives, ceiling {args.ceiling}"
     )
-    print(f"{'phase':<6} {'side':<7} {'wall s':>7} {'cpu s':>7} {'RSS MB':>7} {'PSS MB':>7}")
+    print(f"{'run':<24} {'wall s':>7} {'cpu s':>7} {'RSS MB':>7} {'PSS MB':>7}")
+    for label, r in res.items():
+        print(
+            f"{label:<24} {r['wall_s']:>7} {r['cpu_s']:>7} {r['peak_rss_mb']:>7} {r['peak_pss_mb']:>7}"
+        )
     summary = {}
-    for phase in ("cold", "warm"):
-        st, cur = res[f"st-{phase}"], res[f"curate-{phase}"]
-        for name, r in (("st", st), ("curate", cur)):
-            print(
-                f"{phase:<6} {name:<7} {r['wall_s']:>7} {r['cpu_s']:>7} {r['peak_rss_mb']:>7} {r['peak_pss_mb']:>7}"
-            )
-        summary[phase] = {
+    for name, a, b in COMPARE:
+        st, cur = res[a], res[b]
+        summary[name] = {
             "speedup_wall": round(st["wall_s"] / cur["wall_s"], 2),
             "speedup_cpu": round(st["cpu_s"] / cur["cpu_s"], 2),
             "rss_ratio": round(cur["peak_rss_mb"] / st["peak_rss_mb"], 2),
             "pss_ratio": round(cur["peak_pss_mb"] / st["peak_pss_mb"], 2),
         }
+        v = summary[name]
         print(
-            f"{phase}: curate is {summary[phase]['speedup_wall']}x faster (wall), "
-            f"{summary[phase]['speedup_cpu']}x (CPU s); peak memory {summary[phase]['rss_ratio']}x (RSS), "
-            f"{summary[phase]['pss_ratio']}x (PSS) of ST"
+            f"{name}: curate {v['speedup_wall']}x as fast (wall), {v['speedup_cpu']}x (CPU s); "
+            f"peak memory {v['rss_ratio']}x (RSS), {v['pss_ratio']}x (PSS) of ST"
         )
-    summary["warm_curate_vs_cold_st_wall"] = round(
+    summary["warm curate vs cold ST (wall)"] = round(
         res["st-cold"]["wall_s"] / res["curate-warm"]["wall_s"], 2
     )
-    summary["overlap"] = overlap(
-        res["st-cold"]["negatives"], res["curate-cold"]["negatives"], args.negatives
-    )
+    pairs = [
+        ("overlap", "st-cold", "curate-cold"),
+        ("overlap, no ceiling", "st-warm-no-ceiling", "curate-warm-no-ceiling"),
+    ]
     if args.extra_fp32:
-        summary["overlap_fp32"] = overlap(
-            res["st-cold"]["negatives"], res["curate-fp32"]["negatives"], args.negatives
-        )
-    print(
-        "overlap of negatives (share of ST's that curate chose):",
-        summary["overlap"],
-        summary.get("overlap_fp32", ""),
-    )
+        pairs.append(("overlap, curate fp32", "st-cold", "curate-fp32"))
+    for name, a, b in pairs:
+        summary[name] = overlap(res[a]["negatives"], res[b]["negatives"], args.negatives)
+        print(f"{name} (share of ST's negatives curate also chose): {summary[name]}")
     for r in res.values():
         r.pop("negatives")
     print(json.dumps({"summary": summary, "runs": res}))

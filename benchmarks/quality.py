@@ -329,7 +329,9 @@ def main(argv=None) -> None:
     res = benchmark(bench, s, a.arms, a.seeds, work, a.report_only)
     res.update({
         "dataset": bench.name, "path": a.data, "settings": s.__dict__, "seeds": a.seeds,
-        "arms": a.arms, "command": " ".join([".venv/bin/python", "benchmarks/quality.py", *(argv or sys.argv[1:])]),
+        "arms": a.arms, "command": " ".join(
+            [".venv/bin/python", "benchmarks/quality.py", *(x for x in argv or sys.argv[1:] if x != "--report-only")]
+        ),
         "wall_s": round(time.time() - t0, 1), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
         "cpus": os.cpu_count(), "train_pairs": len(bench.pairs), "test_queries": len(bench.test_qids),
         "docs": len(bench.doc_ids), "library": library_fingerprint(),

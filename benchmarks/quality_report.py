@@ -62,15 +62,18 @@ def _pct(x) -> str:
 def table(res: dict) -> str:
     agg = aggregate(res)
     head = (
-        "| arm | what | nDCG@10 | Recall@100 | MRR@10 | FN probe (planted) | FN train negs "
-        "| in-batch FN | negs/row | train s/run |"
+        "| arm | what | seeds | nDCG@10 | Recall@100 | MRR@10 | FN probe (planted) "
+        "| FN train negs | in-batch FN | negs/row | train s/run |"
     )
-    lines = [head, "|" + " --- |" * 10]
+    lines = [head, "|" + " --- |" * 11]
     for arm, r in agg.items():
-        ms = " | ".join(f"{r[m][0]:.4f} ± {r[m][1]:.4f}" for m in METRICS)
+        if arm == "A" or r["seeds"] > 1:  # A is deterministic: its spread is 0 by construction
+            ms = " | ".join(f"{r[m][0]:.4f} ± {r[m][1]:.4f}" for m in METRICS)
+        else:
+            ms = " | ".join(f"{r[m][0]:.4f} (1 seed)" for m in METRICS)
         npr = "—" if r["negs_per_row"] is None else f"{r['negs_per_row']:.2f}"
         lines.append(
-            f"| {arm} | {WHAT[arm]} | {ms} | {_pct(r['probe_fn'])} | {_pct(r['mined_fn'])} "
+            f"| {arm} | {WHAT[arm]} | {r['seeds']} | {ms} | {_pct(r['probe_fn'])} | {_pct(r['mined_fn'])} "
             f"| {_pct(r['in_batch_fn'])} | {npr} | {r['train_s']:.0f} |"
         )
     return "\n".join(lines)
@@ -115,9 +118,15 @@ def block(res: dict) -> str:
         f"{s['train_max_length']}, mining/eval max length {s['max_length']}.",
         "",
         f"Command: `{res['command']}`  ",
-        f"Wall time: {res['wall_s'] / 60:.1f} min on {res['cpus']} CPUs (load average at start "
-        f"{res['loadavg_start'][0]:.1f}, at end {res['loadavg_end'][0]:.1f}; the machine is shared).",
+        f"Compute time of the finished work: {res['compute_s'] / 60:.1f} min (setup "
+        f"{sum(res['setup_s'].values()) / 60:.1f} min + the runs) on {res['cpus']} CPUs; the "
+        "machine was shared (load average per run is in the JSON).",
         "",
+        *(
+            [f"Not run (out of time): {', '.join(res['missing'])}.", ""]
+            if res.get("missing")
+            else []
+        ),
         table(res),
         "",
         f"Base model through sentence-transformers' encode: nDCG@10 "
@@ -202,7 +211,7 @@ def plot(paths: list[Path], out: Path) -> None:
                 )
                 lo = min(agg[a][m][0] for a in names)
                 ax.set_ylim(max(0.0, lo - 0.08), None)
-                ax.set_title(f"{res['dataset']}: {m} (mean ± std, {len(res['seeds'])} seeds)")
+                ax.set_title(f"{res['dataset']}: {m} (mean ± std over seeds)")
             ax.set_xticks(x, names, rotation=35, ha="right")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

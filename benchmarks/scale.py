@@ -31,7 +31,7 @@ import numpy as np
 from common import TreeMemory, machine
 
 from curate.config import IndexConfig
-from curate.index import choose_factory, merge_topk, search, set_search_params
+from curate.index import choose_factory, merge_topk, search, set_search_params, trained_index
 
 log = logging.getLogger("scale")
 
@@ -69,13 +69,17 @@ class Clock:
     def __init__(self, rec: dict, name: str):
         self.rec, self.name = rec, name
 
-    def __enter__(self):
+    def __enter__(self) -> Clock:
         self.t, self.c = time.perf_counter(), time.process_time()
+        return self
 
     def __exit__(self, *exc):
-        wall, cpu = time.perf_counter() - self.t, time.process_time() - self.c
-        self.rec[f"{self.name}_s"], self.rec[f"{self.name}_cpu_s"] = round(wall, 1), round(cpu, 1)
-        log.info("%s: %.1fs wall, %.1fs CPU", self.name, wall, cpu)
+        self.wall, cpu = time.perf_counter() - self.t, time.process_time() - self.c
+        self.rec[f"{self.name}_s"], self.rec[f"{self.name}_cpu_s"] = (
+            round(self.wall, 2),
+            round(cpu, 2),
+        )
+        log.info("%s: %.1fs wall, %.1fs CPU", self.name, self.wall, cpu)
 
 
 def exact_topk(vecs: Vectors, n_docs: int, queries: np.ndarray, k: int):
@@ -142,8 +146,10 @@ def main() -> None:
     mem = TreeMemory(every=0.5)
     with mem:
         with Clock(res, "train"):
-            index = faiss.index_factory(args.dim, factory, faiss.METRIC_INNER_PRODUCT)
-            index.train(vecs.rows(0, 0, min(args.train_sample, args.docs)))
+            # curate's trainer (polysemous training off) on the first train_sample docs
+            sample = vecs.rows(0, 0, min(args.train_sample, args.docs))
+            index = trained_index(sample, IndexConfig(factory=factory, train_sample=len(sample)))
+            del sample
         with Clock(res, "add"):  # generation included
             for start in range(0, args.docs, args.chunk):
                 index.add(vecs.rows(0, start, min(start + args.chunk, args.docs)))
@@ -156,10 +162,10 @@ def main() -> None:
         for nprobe in [int(x) for x in args.nprobes.split(",")]:
             set_search_params(index, nprobe)
             row = {"nprobe": nprobe}
-            with Clock(row, "search"):
+            with Clock(row, "search") as clock:
                 _, hits = search(index, sample, args.k)
             row.update(
-                recall=round(recall_at(hits, exact), 4), qps=round(len(sample) / row["search_s"], 1)
+                recall=round(recall_at(hits, exact), 4), qps=round(len(sample) / clock.wall, 1)
             )
             res["sweep"].append(row)
             log.info(

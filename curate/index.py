@@ -62,6 +62,12 @@ def trained_index(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0) -> faiss
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
         raise ConfigError(f"index.factory: faiss rejects {factory!r}: {err}") from err
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and hasattr(faiss.downcast_index(ivf), "do_polysemous_training"):
+        # index_factory turns polysemous training on for IVF-PQ ("PQ96x8" without "np"): an
+        # annealing over each sub-quantizer's codes, 80% of IVF256,PQ96x8 training time on 20k
+        # vectors (docs/benchmarks.md), for a polysemous filter curate never searches with.
+        faiss.downcast_index(ivf).do_polysemous_training = False
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         take = min(n, cfg.train_sample)
