@@ -5,8 +5,9 @@ style; topics drawn with probability proportional to their remaining rows so eve
 up at the same pace) and fills the rest from a seeded global order. Within a batch:
 
 - no document appears twice (as positive or negative): a row whose positive is already in the
-  batch waits for a later batch; a row's negative already in the batch is dropped from that row
-  (its column is still in the batch, so the query still sees it in the denominator);
+  batch waits for a later batch; a row's negative already in the batch is skipped for that row
+  (its column is still in the batch, so the query still sees it in the denominator) and the
+  row's next spare negative takes its place (``Row.negs`` is in preference order);
 - a row whose known positives collide with another row's documents is either kept apart
   (``shared_positives: separate``) or allowed in, with the collision left to the trainer's mask
   via ``known_pos_ids`` (``mask``) — never both, never silently.
@@ -50,16 +51,23 @@ def _fits(row: Row, batch: _Batch, separate: bool) -> bool:
     return True
 
 
-def _add(batch: _Batch, i: int, row: Row, stats: Counter) -> None:
-    negs = tuple(n for n in row.negs if n not in batch.docs)
-    stats["neg_dropped_in_batch"] += len(row.negs) - len(negs)
+def _add(batch: _Batch, i: int, row: Row, stats: Counter, want: int | None) -> None:
+    """Place row ``i`` with its first ``want`` negatives (None: all) not already in the batch."""
+    fresh = [j for j, n in enumerate(row.negs) if n not in batch.docs]
+    take = fresh if want is None else fresh[:want]
+    last = take[-1] if len(take) == want else len(row.negs) - 1  # the furthest position examined
+    stats["neg_dropped_in_batch"] += sum(1 for j in range(last + 1) if row.negs[j] in batch.docs)
+    if want is not None:
+        stats["neg_spares_used"] += sum(j >= want for j in take)
+        stats["rows_short_of_negatives"] += len(take) < min(want, len(row.negs))
+    negs = tuple(row.negs[j] for j in take)
     batch.rows.append(i)
     batch.negs[i] = negs
     batch.docs.update((row.pos, *negs))
     batch.known.update(row.known)
 
 
-def _take(queue: deque, rows: list[Row], placed, batch: _Batch, n: int, cfg, stats) -> None:
+def _take(queue: deque, rows: list[Row], placed, batch: _Batch, n: int, cfg, stats, want) -> None:
     """Move up to ``n`` fitting rows from the front of ``queue`` into ``batch``."""
     scanned, kept = 0, deque()
     while queue and n > 0 and scanned < SCAN_LIMIT:
@@ -68,7 +76,7 @@ def _take(queue: deque, rows: list[Row], placed, batch: _Batch, n: int, cfg, sta
             continue
         scanned += 1
         if _fits(rows[i], batch, cfg.shared_positives == "separate"):
-            _add(batch, i, rows[i], stats)
+            _add(batch, i, rows[i], stats, want)
             placed[i] = True
             n -= 1
         else:
@@ -76,8 +84,11 @@ def _take(queue: deque, rows: list[Row], placed, batch: _Batch, n: int, cfg, sta
     queue.extendleft(reversed(kept))
 
 
-def compose(rows: list[Row], cfg: BatchConfig, seed: int) -> tuple[list[list[int]], dict, Counter]:
-    """-> (batches as row numbers, row number -> negatives kept in its batch, statistics)."""
+def compose(
+    rows: list[Row], cfg: BatchConfig, seed: int, want: int | None = None
+) -> tuple[list[list[int]], dict, Counter]:
+    """-> (batches as row numbers, row number -> negatives kept in its batch, statistics); each
+    row keeps its first ``want`` negatives (None: all) that are not already in its batch."""
     rng = np.random.default_rng(seed)
     topics = sorted({r.topic for r in rows})
     members = {t: [i for i, r in enumerate(rows) if r.topic == t] for t in topics}
@@ -91,11 +102,11 @@ def compose(rows: list[Row], cfg: BatchConfig, seed: int) -> tuple[list[list[int
     while not placed.all():
         t = topics[int(rng.choice(len(topics), p=left / left.sum()))]
         batch = _Batch()
-        _take(queues[t], rows, placed, batch, n_same, cfg, stats)
-        _take(pool, rows, placed, batch, cfg.batch_size - len(batch.rows), cfg, stats)
+        _take(queues[t], rows, placed, batch, n_same, cfg, stats, want)
+        _take(pool, rows, placed, batch, cfg.batch_size - len(batch.rows), cfg, stats, want)
         if not batch.rows:  # nothing fit within the scan limit: start a batch with any row
             i = int(np.flatnonzero(~placed)[0])
-            _add(batch, i, rows[i], stats)
+            _add(batch, i, rows[i], stats, want)
             placed[i] = True
         out.append(batch.rows)
         negs.update(batch.negs)

@@ -97,6 +97,9 @@ class IndexConfig:
 class MineConfig:
     top_k: int = field(default=100, metadata=_range(1, 10_000))
     num_negatives: int = field(default=7, metadata=_range(1, 1000))
+    # Backups kept after the num_negatives: stage 5 swaps one in when a negative is already in
+    # the row's batch (topic batches make that common: similar queries share hard negatives).
+    spare_negatives: int = field(default=7, metadata=_range(0, 1000))
     range_min: int = field(default=0, metadata=_range(0))
     range_max: int = field(default=100, metadata=_range(1))
     # Drop candidates scoring above max_relative * score(positive) (NV-Retriever TopK-PercPos).

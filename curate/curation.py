@@ -59,15 +59,17 @@ def shard_table(
     seed: int,
     doc_text: dict[str, str],
     query_text: dict[str, str],
+    num_negatives: int | None = None,
 ) -> tuple[pa.Table, Counter]:
-    """Compose batches and lay the rows out in batch order with their texts (SHARD schema)."""
-    batches, negs, stats = compose(rows, cfg, seed)
+    """Compose batches and lay the rows out in batch order with their texts (SHARD schema);
+    each row keeps ``num_negatives`` (None: all) of its mined negatives and spares."""
+    batches, negs, stats = compose(rows, cfg, seed, num_negatives)
     order = [i for b in batches for i in b]
     batch_id = [b for b, rows_b in enumerate(batches) for _ in rows_b]
     df = rows_df[order]
     kept = [negs[i] for i in order]
-    # Negatives dropped by the composer (already in the batch) leave their row; keep the
-    # scores and ranks aligned with the ids that remain.
+    # The composer keeps a subset of each row's negatives and spares (those not already in the
+    # batch); keep the scores and ranks aligned with the ids that remain.
     cols = {"neg_ids": [], "neg_scores": [], "neg_ranks": []}
     for k, r in zip(kept, df.select("neg_ids", "neg_scores", "neg_ranks").iter_rows()):
         pick = [j for j, n in enumerate(r[0]) if n in set(k)]

@@ -16,7 +16,12 @@ reason and are counted (the filter funnel):
   ngram_duplicate         word 3-gram Jaccard with one of the query's positives above
                           ``ngram_threshold`` (normalised text); checked only on candidates that
                           passed every rule above, with texts read from the block's ``doc_texts``
-  not_selected            eligible, but ``num_negatives`` were already kept
+  not_selected            eligible, but ``num_negatives`` + ``spare_negatives`` were already kept
+
+Kept negatives are stored in preference order: the ``num_negatives`` the row should train on,
+then ``spare_negatives`` backups (funnel "spare"). Stage 5 trains each row on its first
+``num_negatives`` that are not already in the row's batch, so a negative another row of the
+batch already brings is replaced by the next eligible candidate instead of leaving the row short.
 
 All but out_of_window and not_selected are likely false negatives: they are returned as
 forbidden (query, doc, reason) rows that the trainer's mask obeys. Random choices are seeded by
@@ -123,7 +128,9 @@ def mine_block(
         reason[np.setdiff1d(eligible, chosen)] = "not_selected"
         res.funnel["candidates"] += len(cand)
         res.funnel.update(r for r in reason.tolist() if r)
-        res.funnel["kept"] += len(chosen)
+        res.funnel["kept"] += min(len(chosen), cfg.num_negatives)
+        if len(chosen) > cfg.num_negatives:
+            res.funnel["spare"] += len(chosen) - cfg.num_negatives
         res.neg_docs.append(cand[chosen].astype(np.int64))
         res.neg_scores.append(cand_score[chosen].astype(np.float32))
         res.neg_ranks.append(ranks[chosen])
@@ -149,11 +156,14 @@ def _reasons(cand, cand_score, ranks, known, pos_score, doc_vecs, doc_hash, cfg:
 
 
 def _select(eligible: np.ndarray, cfg: MineConfig, entropy: list[int]) -> np.ndarray:
-    """Positions of the kept negatives among the candidates, in rank order."""
-    if cfg.strategy == "top" or len(eligible) <= cfg.num_negatives:
-        return eligible[: cfg.num_negatives]
+    """Positions of the kept negatives among the candidates in preference order: the first
+    ``num_negatives`` in rank order, then the spares (rank order for "top", drawn order else)."""
+    n, total = cfg.num_negatives, cfg.num_negatives + cfg.spare_negatives
+    if cfg.strategy == "top" or len(eligible) <= n:
+        return eligible[:total]
     rng = np.random.default_rng(entropy)
-    return np.sort(rng.choice(eligible, cfg.num_negatives, replace=False))
+    drawn = rng.choice(eligible, min(total, len(eligible)), replace=False)
+    return np.concatenate([np.sort(drawn[:n]), drawn[n:]])
 
 
 # --- the n-gram rule: doc texts by doc number, memory-mapped -------------------------------

@@ -24,7 +24,7 @@ FORBIDDEN_REASONS = (
     "ngram_duplicate",
     "confirmed_false_negative",
 )
-OTHER_REASONS = ("out_of_window", "not_selected")
+OTHER_REASONS = ("out_of_window", "not_selected", "spare")
 ALWAYS_SHOWN = ("candidates", *FORBIDDEN_REASONS[:4], *OTHER_REASONS, "kept")  # even when 0
 STAGE_ORDER = (
     "read",

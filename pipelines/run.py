@@ -231,7 +231,9 @@ def curate_stage(cfg, out, canon, dedup_info, corpus, ds, mined, forbidden, funn
     rows_df, rows, stats = build_rows(mined_df, known, canon, topic_of)
     doc_text = dict(zip(corpus["doc_id"].to_list(), texts))
     query_text = dict(zip(ds.queries["query_id"].to_list(), ds.queries["text"].to_list()))
-    table, batch_stats = shard_table(rows_df, rows, cfg.batch, cfg.seed, doc_text, query_text)
+    table, batch_stats = shard_table(
+        rows_df, rows, cfg.batch, cfg.seed, doc_text, query_text, cfg.mine.num_negatives
+    )
     shard_dir = out / "shards"
     files = shards.write_shards(table, shard_dir, cfg.batch.batches_per_shard)
     # Beside the shard folder, not in it: the folder must load as one table (datasets, polars).

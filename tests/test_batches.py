@@ -93,6 +93,32 @@ def test_negative_already_in_batch_dropped_from_later_row():
     assert stats["neg_dropped_in_batch"] == 1
 
 
+def test_spare_negative_replaces_one_already_in_the_batch():
+    # Each row wants 2 negatives of 3 (the third is a spare); x is in both rows' first two.
+    rows = [row("a", "x y s1"), row("b", "x z s2")]
+    batches, negs, stats = compose(rows, BatchConfig(batch_size=2, same_topic=1.0), 0, want=2)
+    first, second = batches[0]
+    assert negs[first] == rows[first].negs[:2]  # no collision: the spare stays unused
+    assert negs[second] == tuple(n for n in rows[second].negs if n != "x")  # z and its spare
+    assert stats["neg_dropped_in_batch"] == 1
+    assert stats["neg_spares_used"] == 1 and stats["rows_short_of_negatives"] == 0
+    check_no_repeat_in_batch(rows, batches, negs)
+
+
+def test_row_without_enough_spares_is_counted_short():
+    rows = [row("a", "x y"), row("b", "x y")]
+    batches, negs, stats = compose(rows, BatchConfig(batch_size=2, same_topic=1.0), 0, want=2)
+    assert [len(negs[i]) for i in batches[0]] == [2, 0]
+    assert stats["neg_dropped_in_batch"] == 2 and stats["rows_short_of_negatives"] == 1
+
+
+def test_want_caps_negatives_of_every_row():
+    rows = overlapping_rows()
+    _, negs, _ = compose(rows, BatchConfig(batch_size=8), 0, want=1)
+    assert all(len(n) <= 1 for n in negs.values())
+    assert sum(len(n) for n in negs.values()) > 30  # spares fill in for most collisions
+
+
 def collision_rows() -> list[Row]:
     # Row 0 (query with positives a, b) and row 1 (positive b; c is also known for it).
     # Together: b is row 0's known positive in row 1's column; a and c (row 0's positive and

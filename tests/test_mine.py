@@ -45,7 +45,7 @@ def cfg(**kw) -> MineConfig:
     """Every rule off except the ones a test turns on (known positives always apply)."""
     base = dict(
         num_negatives=10, range_min=0, range_max=100, max_relative=None,
-        near_dup_threshold=0.98, strategy="top",
+        near_dup_threshold=0.98, strategy="top", spare_negatives=0,
     )  # fmt: skip
     return MineConfig(**{**base, **kw})
 
@@ -166,6 +166,23 @@ def test_num_negatives_cap_marks_rest_not_selected():
     assert negs(res) == [4, 5]
     assert res.funnel == {"candidates": 4, "kept": 2, "not_selected": 2}
     assert res.forbidden == []
+
+
+def test_spares_follow_the_kept_negatives_in_preference_order():
+    hits = search_result([(4, 0.5), (5, 0.4), (6, 0.3), (7, 0.2)])
+    res = mine(q0_block(), hits, cfg(num_negatives=2, spare_negatives=1))
+    assert negs(res) == [4, 5, 6]  # two to train on, then one backup
+    assert res.funnel == {"candidates": 4, "kept": 2, "spare": 1, "not_selected": 1}
+    few = mine(q0_block(), search_result([(4, 0.5)]), cfg(num_negatives=2, spare_negatives=3))
+    assert negs(few) == [4] and few.funnel == {"candidates": 1, "kept": 1}
+
+
+def test_random_spares_are_drawn_after_the_kept_ones():
+    config = cfg(strategy="random", num_negatives=2, spare_negatives=1)
+    for seed in range(10):
+        picked = negs(mine(q0_block(), random_hits(), config, seed=seed))
+        assert len(set(picked)) == 3 and set(picked) <= {4, 5, 6, 7}
+        assert picked[:2] == sorted(picked[:2])  # the two to train on, in rank order
 
 
 def test_missing_hits_are_not_candidates():
