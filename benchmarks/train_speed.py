@@ -175,6 +175,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2, help="rounds of A B (alternating order)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--first", choices=["curate", "st"], default="curate", help="side run first")
     ap.add_argument("--side", choices=["curate", "st"], help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -188,7 +189,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         build_data(Path(tmp), args.steps, args.batch, args.seed)
         for k in range(args.repeats):
-            for side in ("curate", "st") if k % 2 == 0 else ("st", "curate"):
+            order = ("curate", "st") if args.first == "curate" else ("st", "curate")
+            for side in order if k % 2 == 0 else order[::-1]:
                 for stale in ("curate-out", "st-out"):  # each run trains from the base model
                     __import__("shutil").rmtree(Path(tmp) / stale, ignore_errors=True)
                 r = run_side(

@@ -51,6 +51,8 @@ FALSE_NEGATIVE_REASONS = (
     "ngram_duplicate",
 )
 REASONS = FALSE_NEGATIVE_REASONS + ("out_of_window", "not_selected")
+# Docs whose n-gram sets a mine task keeps in memory at once (a few hundred bytes each).
+NGRAM_CACHE = 200_000
 
 
 def stable_seed(seed: int, *keys: str) -> list[int]:
@@ -100,7 +102,8 @@ def mine_block(
     texts = None
     if block.doc_texts is not None and cfg.ngram_threshold is not None:
         texts = load_doc_texts(block.doc_texts)
-    grams, grams_of = {}, -1
+    grams: dict[int, set[str]] = {}
+    query_reason, reason_of = None, None
     for p in range(P):
         qi, pos = int(block.pair_query[p]), int(block.pair_pos[p])
         known = block.known[qi]
@@ -111,18 +114,22 @@ def mine_block(
         ranks = np.flatnonzero(valid).astype(np.int32)
         ref = float((doc_vecs[known] @ block.query_vecs[qi]).max()) if len(known) else pos_score
         ref = max(ref, pos_score)
-        reason = _reasons(cand, cand_score, ranks, known, ref, doc_vecs, doc_hash, cfg)
-        if texts is not None and len(known):
-            if qi != grams_of:  # pairs of one query are adjacent: cache its docs' n-grams
-                grams, grams_of = {}, qi
-            left = np.flatnonzero(reason == "")
-            dup = _ngram_duplicates(cand[left], known, texts, cfg.ngram_threshold, grams)
-            reason[left[dup]] = "ngram_duplicate"
-        for c, r, s in zip(cand, reason, cand_score, strict=True):
-            if r in FALSE_NEGATIVE_REASONS and (qi, int(c)) not in seen_forbidden:
-                seen_forbidden.add((qi, int(c)))
-                res.forbidden.append((qi, int(c), r))
-                res.forbidden_scores.append(float(s))
+        if (qi, ref) != reason_of:  # the best positive sets the ceiling, so the pairs of one
+            # query (adjacent in a block) share every verdict: judge its candidates once
+            query_reason = _reasons(cand, cand_score, ranks, known, ref, doc_vecs, doc_hash, cfg)
+            if texts is not None and len(known):
+                if len(grams) > NGRAM_CACHE:
+                    grams.clear()
+                left = np.flatnonzero(query_reason == "")
+                dup = _ngram_duplicates(cand[left], known, texts, cfg.ngram_threshold, grams)
+                query_reason[left[dup]] = "ngram_duplicate"
+            reason_of = (qi, ref)
+            for c, r, s in zip(cand, query_reason, cand_score, strict=True):
+                if r in FALSE_NEGATIVE_REASONS and (qi, int(c)) not in seen_forbidden:
+                    seen_forbidden.add((qi, int(c)))
+                    res.forbidden.append((qi, int(c), r))
+                    res.forbidden_scores.append(float(s))
+        reason = query_reason.copy()
         eligible = np.flatnonzero(reason == "")
         chosen = _select(eligible, cfg, stable_seed(seed, block.query_ids[qi], block.pos_ids[p]))
         reason[np.setdiff1d(eligible, chosen)] = "not_selected"
@@ -198,9 +205,16 @@ def _ngram_duplicates(cand, known, texts, threshold: float, grams: dict) -> np.n
             grams[d] = ngrams(texts[d].as_py())
         return grams[d]
 
-    pos = [of(int(d)) for d in known]
-    return np.array([any(_jaccard(of(int(c)), g) > threshold for g in pos) for c in cand], bool)
+    pos = [g for g in (of(int(d)) for d in known) if g]
+    return np.array([_near(of(int(c)), pos, threshold) for c in cand], bool)
 
 
-def _jaccard(a: set[str], b: set[str]) -> float:
-    return len(a & b) / len(a | b) if a and b else 0.0
+def _near(a: set[str], others: list[set[str]], threshold: float) -> bool:
+    """Jaccard(a, b) > threshold for some b; the size bound min/max >= Jaccard skips most pairs."""
+    for b in others:
+        small, large = sorted((len(a), len(b)))
+        if small > threshold * large:
+            inter = len(a & b)
+            if inter > threshold * (len(a) + len(b) - inter):
+                return True
+    return False
