@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def choose_factory(n: int, dim: int, cfg: IndexConfig) -> str:
-    """Flat below ``flat_max`` vectors; IVF with ~4 sqrt(N) lists and PQ codes above."""
+    """Flat below ``flat_max`` vectors; IVF with ~4 sqrt(N) lists and PQ codes above, re-ranked
+    with ``cfg.refine`` codes."""
     if cfg.factory != "auto":
         return cfg.factory
     if n <= cfg.flat_max:
@@ -32,7 +33,8 @@ def choose_factory(n: int, dim: int, cfg: IndexConfig) -> str:
     # Preferred sub-vector counts, then the largest divisor <= 96 (1024, 1536, 4096 dims need it).
     prefer = (dim // 4, dim // 8, dim // 2, dim, *range(96, 0, -1))
     m = next(m for m in prefer if m and dim % m == 0 and m <= 96)
-    return f"IVF{nlist},PQ{m}x8"
+    refine = f",Refine({cfg.refine})" if cfg.refine else ""
+    return f"IVF{nlist},PQ{m}x8{refine}"
 
 
 def use_gpu(pref: str) -> bool:
@@ -68,6 +70,8 @@ def trained_index(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0) -> faiss
         # annealing over each sub-quantizer's codes, 80% of IVF256,PQ96x8 training time on 20k
         # vectors (docs/benchmarks.md), for a polysemous filter curate never searches with.
         faiss.downcast_index(ivf).do_polysemous_training = False
+    if isinstance(faiss.downcast_index(index), faiss.IndexRefine):
+        faiss.downcast_index(index).k_factor = cfg.k_factor  # saved with the index
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         take = min(n, cfg.train_sample)
@@ -133,6 +137,16 @@ def to_gpu(index: faiss.Index, nprobe: int, device: int = 0) -> faiss.Index:
         _GPU_RESOURCES.append(faiss.StandardGpuResources())
     opts = faiss.GpuClonerOptions()
     opts.useFloat16 = True
+    refine = faiss.downcast_index(index)
+    if isinstance(refine, faiss.IndexRefine):  # GPU has no IndexRefine: the IVF-PQ goes to the
+        # GPU, the re-ranking codes stay on the CPU (they are read for k_factor x k rows only)
+        base = faiss.index_cpu_to_gpu(_GPU_RESOURCES[0], device, refine.base_index, opts)
+        faiss.GpuParameterSpace().set_index_parameter(base, "nprobe", nprobe)
+        gpu = faiss.IndexRefine(base, refine.refine_index)
+        gpu.k_factor = refine.k_factor
+        gpu.referenced_objects = [base, refine]  # the wrapper does not own them
+        log.info("index moved to GPU %d (re-ranking on CPU)", device)
+        return gpu
     gpu = faiss.index_cpu_to_gpu(_GPU_RESOURCES[0], device, index, opts)
     if faiss.try_extract_index_ivf(index) is not None:
         faiss.GpuParameterSpace().set_index_parameter(gpu, "nprobe", nprobe)

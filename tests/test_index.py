@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -79,7 +80,7 @@ def test_merge_orders_by_score_then_lower_id_and_missing_last():
 
 
 def test_choose_factory():
-    small = IndexConfig(flat_max=100)
+    small = IndexConfig(flat_max=100, refine=None)
     assert choose_factory(100, 32, small) == "Flat"
     # 4 sqrt(200) = 56.6 -> 2^6, raised to the 2^10 floor; PQ m = 32 / 4 = 8.
     assert choose_factory(101, 32, small) == "IVF1024,PQ8x8"
@@ -91,6 +92,30 @@ def test_choose_factory():
     assert choose_factory(1_000_000, 1024, small) == "IVF4096,PQ64x8"
     assert choose_factory(1_000_000, 1536, small) == "IVF4096,PQ96x8"
     assert choose_factory(5, 32, IndexConfig(factory="HNSW32")) == "HNSW32"
+    # Default: PQ candidates re-ranked with SQ8 codes.
+    assert choose_factory(1_000_000, 384, IndexConfig(flat_max=100)) == "IVF4096,PQ96x8,Refine(SQ8)"
+
+
+def test_refine_index_reranks_pq_candidates():
+    # Clustered data, as embeddings are: coarse PQ codes scramble the close neighbours; SQ8
+    # re-ranking of k_factor x k PQ candidates recovers the exact top-10.
+    rng = np.random.default_rng(0)
+    docs = unit(20, 32, 1)[rng.integers(0, 20, 4000)]
+    docs += rng.standard_normal((4000, 32)).astype(np.float32) / np.sqrt(32)
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    queries = docs[:50] + 0.2 * unit(50, 32, 2)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    _, exact = search(build_index(docs, FLAT), queries, k=10)
+
+    def recall(cfg):
+        _, ids = search(build_index(docs, cfg), queries, k=10)
+        return np.mean([len(set(a) & set(e)) / 10 for a, e in zip(ids, exact)])
+
+    base = dict(nprobe=16, train_sample=4000, k_factor=32)
+    refined = IndexConfig(factory="IVF16,PQ8x4,Refine(SQ8)", **base)
+    assert faiss.downcast_index(build_index(docs, refined)).k_factor == 32
+    assert recall(IndexConfig(factory="IVF16,PQ8x4", **base)) < 0.5
+    assert recall(refined) > 0.95
 
 
 def test_ivf_with_all_lists_probed_matches_flat():
