@@ -71,7 +71,7 @@ def library_fingerprint() -> dict:
 
     h, where = hashlib.blake2b(digest_size=8), {}
     for mod in (curate, pipelines, train):
-        folder = Path(mod.__file__).parent
+        folder = Path(list(mod.__path__)[0])  # pipelines and train are namespace packages
         where[mod.__name__] = str(folder)
         for f in sorted(folder.glob("*.py")):
             h.update(f.name.encode() + f.read_bytes())
@@ -173,8 +173,14 @@ def train_arm(
 
 def run_one(bench, arm, seed, s, work, st_rows, vecs, report_only=False) -> dict | None:
     done = work / "results" / f"{arm}-seed{seed}.json"
+    library = library_fingerprint()["hash"]
     if done.is_file():
-        return json.loads(done.read_text())
+        res = json.loads(done.read_text())
+        # curate's arms are redone when curate's code changed since; the others use only its
+        # evaluator, which the base-model check (curate vs sentence-transformers) guards
+        if arm not in CURATE_ARMS + ("B-curate",) or res.get("library") == library:
+            return res
+        log.info("%s seed %d: curate changed since it ran, training it again", arm, seed)
     if report_only:
         return None
     t0, load = time.perf_counter(), os.getloadavg()[0]
@@ -189,6 +195,7 @@ def run_one(bench, arm, seed, s, work, st_rows, vecs, report_only=False) -> dict
         "train_s": round(t1 - t0, 1),
         "eval_s": round(t2 - t1, 1),
         "loadavg": [load, os.getloadavg()[0]],
+        "library": library,
         **facts,
     }
     log.info("%s seed %d: %s (train %.0fs, eval %.0fs)", arm, seed, metrics, t1 - t0, t2 - t1)
@@ -235,7 +242,9 @@ def setup(bench: Bench, s: arms.Settings, arm_names, work: Path):
         out["base"],
         out["base_via_sentence_transformers"],
     )
-    p = cached(work / "probe.json", lambda: probe(bench, s, vecs, work))
+    # curate's miner takes part in the probe: keyed by curate's sources as well
+    probe_file = work / f"probe-{library_fingerprint()['hash']}.json"
+    p = cached(probe_file, lambda: probe(bench, s, vecs, work))
     out["probe"], out["setup_s"]["probe"] = p["value"], p["seconds"]
     st_rows = {}
     for arm in arms.ST_MINING:
