@@ -178,7 +178,8 @@ def run_one(bench, arm, seed, s, work, st_rows, vecs, report_only=False) -> dict
         res = json.loads(done.read_text())
         # curate's arms are redone when curate's code changed since; the others use only its
         # evaluator, which the base-model check (curate vs sentence-transformers) guards
-        if arm not in CURATE_ARMS + ("B-curate",) or res.get("library") == library:
+        same = res.get("library") == library and res.get("d_max_relative") == s.d_max_relative
+        if report_only or arm not in CURATE_ARMS + ("B-curate",) or same:
             return res
         log.info("%s seed %d: curate changed since it ran, training it again", arm, seed)
     if report_only:
@@ -196,6 +197,7 @@ def run_one(bench, arm, seed, s, work, st_rows, vecs, report_only=False) -> dict
         "eval_s": round(t2 - t1, 1),
         "loadavg": [load, os.getloadavg()[0]],
         "library": library,
+        "d_max_relative": s.d_max_relative,
         **facts,
     }
     log.info("%s seed %d: %s (train %.0fs, eval %.0fs)", arm, seed, metrics, t1 - t0, t2 - t1)
@@ -243,7 +245,7 @@ def setup(bench: Bench, s: arms.Settings, arm_names, work: Path):
         out["base_via_sentence_transformers"],
     )
     # curate's miner takes part in the probe: keyed by curate's sources as well
-    probe_file = work / f"probe-{library_fingerprint()['hash']}.json"
+    probe_file = work / f"probe-{library_fingerprint()['hash']}-{s.d_max_relative}.json"
     p = cached(probe_file, lambda: probe(bench, s, vecs, work))
     out["probe"], out["setup_s"]["probe"] = p["value"], p["seconds"]
     st_rows = {}
@@ -313,6 +315,10 @@ def main(argv=None) -> None:
     ):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument(
+        "--d-max-relative", type=float, default=None,
+        help="curate's mine.max_relative for D and E (chosen on the train split, docs/quality.md)",
+    )
     p.add_argument("--work", default="/tmp/curate-quality", help="scratch (cache, runs, resume)")
     p.add_argument("--docs", default=str(Path(__file__).resolve().parents[1] / "docs"))
     p.add_argument("--no-docs", action="store_true", help="print the table only (smoke runs)")
@@ -331,6 +337,7 @@ def main(argv=None) -> None:
         max_length=a.max_length,
         lr=a.lr,
         warmup_steps=a.warmup_steps,
+        d_max_relative=a.d_max_relative,
     )
     t0, load0 = time.time(), os.getloadavg()
     bench = load_bench(a.data)

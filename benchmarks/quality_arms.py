@@ -43,11 +43,15 @@ class Settings:
     weight_decay: float = 0.01
     temperature: float = 0.05  # MNRL scale = 1 / temperature = 20
     hide_fraction: float = 0.2  # planted unlabelled positives in the FN probe
+    # curate's ceiling (mine.max_relative) for D and E, when chosen on the train split's tuning
+    # probe (docs/quality.md); None: curate's default. Not in the key: curate's runs record it.
+    d_max_relative: float | None = None
 
     def key(self) -> str:
         import hashlib
 
-        text = json.dumps([asdict(self), ST_MINING], sort_keys=True)
+        fields = {k: v for k, v in asdict(self).items() if k != "d_max_relative"}
+        text = json.dumps([fields, ST_MINING], sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
 
 
@@ -195,7 +199,8 @@ def curate_config(
         "data": {"path": bench.path, "empty_text": "skip", "eval_split": None, "qrels_dir": qrels_dir},
         "embed": {"max_length": s.max_length, "device": "cpu", "dtype": "float32"},
         "index": {"use_gpu": "never"},
-        "mine": {"num_negatives": s.num_negatives},
+        "mine": {"num_negatives": s.num_negatives, **(
+            {"max_relative": s.d_max_relative} if s.d_max_relative is not None else {})},
         "batch": {"batch_size": s.batch_size, "same_topic": 0.0 if arm == "E-notopic" else 0.75},
         "train": {
             "enabled": train, "epochs": 1000, "max_steps": s.steps, "lr": s.lr,

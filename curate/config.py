@@ -109,6 +109,10 @@ class MineConfig:
     range_max: int = field(default=100, metadata=_range(1))
     # Drop candidates scoring above max_relative * score(positive) (NV-Retriever TopK-PercPos).
     max_relative: float | None = field(default=0.95, metadata=_range(0.0, 10.0))
+    # Which of the query's known positives sets that ceiling, for all of its pairs alike (a doc
+    # is then suspect for every pair of the query or for none, as forbidden pairs and the mask are
+    # per query): "best" keeps more negatives, "weakest" rejects more likely false negatives.
+    ceiling_from: Literal["best", "median", "weakest"] = "best"
     near_dup_threshold: float = field(default=0.98, metadata=_range(-1.0, 1.0))
     # Jaccard of normalised word 3-grams with a known positive above this -> ngram_duplicate.
     ngram_threshold: float | None = field(default=0.5, metadata=_range(0.0, 1.0))

@@ -51,6 +51,7 @@ FALSE_NEGATIVE_REASONS = (
     "ngram_duplicate",
 )
 REASONS = FALSE_NEGATIVE_REASONS + ("out_of_window", "not_selected")
+CEILING_FROM = {"best": np.max, "median": np.median, "weakest": np.min}
 # Docs whose n-gram sets a mine task keeps in memory at once (a few hundred bytes each).
 NGRAM_CACHE = 200_000
 
@@ -112,8 +113,11 @@ def mine_block(
         valid = cands[qi] >= 0
         cand, cand_score = cands[qi][valid], scores[qi][valid]
         ranks = np.flatnonzero(valid).astype(np.int32)
-        ref = float((doc_vecs[known] @ block.query_vecs[qi]).max()) if len(known) else pos_score
-        ref = max(ref, pos_score)
+        if len(known):
+            known_scores = doc_vecs[known] @ block.query_vecs[qi]
+            ref = float(CEILING_FROM[cfg.ceiling_from](known_scores))
+        else:
+            ref = pos_score
         if (qi, ref) != reason_of:  # the best positive sets the ceiling, so the pairs of one
             # query (adjacent in a block) share every verdict: judge its candidates once
             query_reason = _reasons(cand, cand_score, ranks, known, ref, doc_vecs, doc_hash, cfg)

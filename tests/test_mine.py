@@ -141,6 +141,19 @@ def test_ceiling_relative_to_positive_score():
     assert res.funnel["above_ceiling"] == 2
 
 
+@pytest.mark.parametrize(
+    "frm, ceiling, kept",
+    [("best", 0.95 * 0.8, [5, 6]), ("median", 0.95 * 0.7, [6]), ("weakest", 0.95 * 0.6, [])],
+)
+def test_ceiling_from_best_median_or_weakest_positive(frm, ceiling, kept):
+    # q0's known positives score 0.8 (d0) and 0.6 (d1); the same ceiling for both pairs.
+    hits = search_result([(4, 0.79), (5, 0.70), (6, 0.6)])
+    for pos in ([0], [1]):
+        res = mine(q0_block(pos), hits, cfg(max_relative=0.95, ceiling_from=frm))
+        assert negs(res) == kept, ceiling
+        assert res.funnel["above_ceiling"] == 3 - len(kept)
+
+
 def test_ceiling_disabled_by_none():
     hits = search_result([(4, 0.79), (5, 0.70)])
     res = mine(q0_block(), hits, cfg(max_relative=None))
