@@ -157,6 +157,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--chunk", type=int, default=8)
+    ap.add_argument(
+        "--plain-max", type=int, default=128,
+        help="largest batch run without GradCache (plain needs ~50 MB per row here: 1024 rows "
+        "would be ~50 GB)",
+    )
     ap.add_argument("--plot", type=Path, default=REPO / "docs" / "train_memory.png")
     ap.add_argument("--one", nargs=2, metavar=("BATCH", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -168,6 +173,8 @@ def main() -> None:
     results = []
     for b in args.sizes:
         for mode in ("plain", "gradcache"):
+            if mode == "plain" and b > args.plain_max:
+                continue
             r = run_side(
                 [__file__, "--one", str(b), mode, "--chunk", str(args.chunk)],
                 env={"HF_HUB_OFFLINE": "1"},
