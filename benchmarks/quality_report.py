@@ -89,9 +89,11 @@ def verdict(res: dict) -> list[str]:
             continue
         diff = d["ndcg@10"][0] - agg[c]["ndcg@10"][0]
         spread = max(d["ndcg@10"][1], agg[c]["ndcg@10"][1])
-        word = "beats" if diff > 0 else "does not beat"
+        word = "beats" if diff > 0 else "trails"
+        within = " (within the seed spread)" if abs(diff) <= spread else ""
         out.append(
-            f"- nDCG@10: D {word} {c} by {diff:+.4f} (largest seed std of the two: {spread:.4f})."
+            f"- nDCG@10: D {word} {c} by {abs(diff):.4f}{within}; largest seed std of the two: "
+            f"{spread:.4f}."
         )
         key = "probe_fn" if d["probe_fn"] is not None else "mined_fn"
         name = "planted-positive probe" if key == "probe_fn" else "training negatives"
