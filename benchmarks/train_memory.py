@@ -96,7 +96,7 @@ def one_step(batch_size: int, mode: str, chunk: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModel.from_pretrained(str(path), local_files_only=True)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01, fused=True)  # as train.py
     cfg = TrainConfig(max_length=MAX_LENGTH, chunk_size=chunk if mode == "gradcache" else 0)
 
     rows = cranfield_rows(batch_size)

@@ -212,7 +212,10 @@ def train(
     groups = [{"params": params, "weight_decay": cfg.weight_decay}]
     if cfg.learn_temperature:  # no decay on log t: decay would pull t towards 1
         groups.append({"params": list(temp.parameters()), "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    # Fused AdamW: one kernel over all tensors, 11x faster than the per-tensor loop on this CPU
+    # (1.6 s -> 0.15 s a step for MiniLM's 22M weights: 14% of a batch-16 step; docs/training.md).
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, int(total)))
 
     step = 0
