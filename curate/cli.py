@@ -8,8 +8,6 @@ nothing. ``curate.api`` has one function per subcommand for notebooks.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import logging
 import os
 import sys
@@ -182,39 +180,18 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _optional(module: str, need: str):
-    """A module built alongside this CLI; None when this version lacks it (or lacks ``need``)."""
-    if importlib.util.find_spec(module) is None:
-        return None
-    mod = importlib.import_module(module)
-    return mod if hasattr(mod, "main") or hasattr(mod, need) else None
-
-
-def _not_available(name: str) -> int:
-    print(f"error: `curate {name}` is not available in this version", file=sys.stderr)
-    return 2
-
-
 def cmd_loop(args) -> int:
-    mod = _optional("pipelines.loop", "loop")
-    if mod is None:
-        return _not_available("loop")
-    if hasattr(mod, "main"):
-        return mod.main(args)
+    from pipelines.loop import format_table
+
     cfg = _config(args)
     table = api.loop(cfg, args.rounds, quiet=args.quiet)
-    print(mod.format_table(table))
+    print(format_table(table))
     print(f"rounds:   {cfg.output_dir}/loop.json, {cfg.output_dir}/loop.png")
     _auto_report(cfg.output_dir, args)
     return 0
 
 
 def cmd_export(args) -> int:
-    mod = _optional("curate.export", "to_sentence_transformers")
-    if mod is None:
-        return _not_available("export")
-    if hasattr(mod, "main"):
-        return mod.main(args)
     counts = api.export(args.outdir, args.format, args.to, args.num_negatives)
     print(f"export:   {counts.pop('path')}  " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0

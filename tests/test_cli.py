@@ -85,15 +85,6 @@ def test_python_dash_m_curate_exits_2_with_one_line():
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize(
-    "name, argv", [("loop", ["loop", "-q"]), ("export", ["export", ".", "-q"])]
-)
-def test_missing_optional_module_exits_2(name, argv, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_optional", lambda module, need: None)
-    assert cli.main(argv) == 2
-    assert f"`curate {name}` is not available in this version" in capsys.readouterr().err
-
-
 def test_report_of_an_empty_folder_is_a_one_line_error(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path), "-q"]) == 2
     err = capsys.readouterr().err
