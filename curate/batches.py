@@ -53,10 +53,14 @@ def _fits(row: Row, batch: _Batch, separate: bool) -> bool:
 
 def _add(batch: _Batch, i: int, row: Row, stats: Counter, want: int | None) -> None:
     """Place row ``i`` with its first ``want`` negatives (None: all) not already in the batch."""
-    fresh = [j for j, n in enumerate(row.negs) if n not in batch.docs]
-    take = fresh if want is None else fresh[:want]
-    last = take[-1] if len(take) == want else len(row.negs) - 1  # the furthest position examined
-    stats["neg_dropped_in_batch"] += sum(1 for j in range(last + 1) if row.negs[j] in batch.docs)
+    take = []  # positions in row.negs, in preference order
+    for j, n in enumerate(row.negs):
+        if len(take) == want:
+            break
+        if n in batch.docs:
+            stats["neg_dropped_in_batch"] += 1
+        else:
+            take.append(j)
     if want is not None:
         stats["neg_spares_used"] += sum(j >= want for j in take)
         stats["rows_short_of_negatives"] += len(take) < min(want, len(row.negs))

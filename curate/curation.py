@@ -72,7 +72,8 @@ def shard_table(
     # batch); keep the scores and ranks aligned with the ids that remain.
     cols = {"neg_ids": [], "neg_scores": [], "neg_ranks": []}
     for k, r in zip(kept, df.select("neg_ids", "neg_scores", "neg_ranks").iter_rows()):
-        pick = [j for j, n in enumerate(r[0]) if n in set(k)]
+        keep = set(k)
+        pick = [j for j, n in enumerate(r[0]) if n in keep]
         cols["neg_ids"].append([r[0][j] for j in pick])
         cols["neg_scores"].append([r[1][j] for j in pick])
         cols["neg_ranks"].append([r[2][j] for j in pick])

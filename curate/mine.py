@@ -118,8 +118,8 @@ def mine_block(
             ref = float(CEILING_FROM[cfg.ceiling_from](known_scores))
         else:
             ref = pos_score
-        if (qi, ref) != reason_of:  # the best positive sets the ceiling, so the pairs of one
-            # query (adjacent in a block) share every verdict: judge its candidates once
+        if (qi, ref) != reason_of:  # one ceiling per query (mine.ceiling_from), so the pairs of
+            # one query (adjacent in a block) share every verdict: judge its candidates once
             query_reason = _reasons(cand, cand_score, ranks, known, ref, doc_vecs, doc_hash, cfg)
             if texts is not None and len(known):
                 if len(grams) > NGRAM_CACHE:
