@@ -121,7 +121,7 @@ def side_curate(args, work: Path) -> dict:
         [pl.read_parquet(p) for p in parts if not p.name.endswith(".forbidden.parquet")]
     )
     out = {
-        f"{q}\t{d}": [text[n] for n in negs]
+        f"{q}\t{d}": [text[n] for n in negs[: args.negatives]]  # not the spares
         for q, d, negs in mined.select("query_id", "pos_id", "neg_ids").iter_rows()
     }
     shutil.rmtree(work / "curate-out")  # the embedding cache stays for the warm run

@@ -64,7 +64,7 @@ class EmbedConfig:
     doc_prefix: str = ""
     pooling: Literal["auto", "mean", "cls"] = "auto"
     # Batches are cut by padded tokens (rows x longest row), not by a row count.
-    token_budget: int = field(default=16384, metadata=_range(64))
+    token_budget: int = field(default=8192, metadata=_range(64))
     # auto: bf16 autocast on CUDA; on CPU bf16 weights where the CPU has native bf16 (AVX512-BF16
     # or AMX), else fp32 (docs/benchmarks.md). int8: dynamic quantisation of the linear layers (CPU only).
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
@@ -181,6 +181,11 @@ class ClusterConfig:
     scheduler: str | None = None  # address of an existing Dask scheduler; None starts a LocalCluster
     n_workers: int | None = field(default=None, metadata=_range(1))
     threads_per_worker: int | None = field(default=None, metadata=_range(1))
+    # A LocalCluster of worker processes, or one worker in this process. auto: in-process when
+    # the run has at most in_process_max texts (corpus + queries) and n_workers is not set:
+    # on a small corpus, starting processes and loading the model in each costs more than it saves.
+    workers: Literal["auto", "processes", "in_process"] = "auto"
+    in_process_max: int = field(default=50_000, metadata=_range(0))
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,10 @@ def mine_block(
         reason = query_reason.copy()
         eligible = np.flatnonzero(reason == "")
         chosen = _select(eligible, cfg, stable_seed(seed, block.query_ids[qi], block.pos_ids[p]))
-        reason[np.setdiff1d(eligible, chosen)] = "not_selected"
+        unchosen = np.zeros(len(reason), bool)
+        unchosen[eligible] = True
+        unchosen[chosen] = False
+        reason[unchosen] = "not_selected"
         res.funnel["candidates"] += len(cand)
         res.funnel.update(r for r in reason.tolist() if r)
         res.funnel["kept"] += min(len(chosen), cfg.num_negatives)
@@ -202,23 +205,34 @@ def _open_texts(path: str, mtime_ns: int) -> pa.ChunkedArray:
 
 def _ngram_duplicates(cand, known, texts, threshold: float, grams: dict) -> np.ndarray:
     """Bool [len(cand)]: word 3-gram Jaccard with one of the ``known`` docs > ``threshold``, as
-    ``curate.text.ngram_overlap`` computes it; ``grams`` caches each doc's n-gram set."""
+    ``curate.text.ngram_overlap`` computes it; ``grams`` caches each doc's n-grams as hashes."""
 
-    def of(d: int) -> set[str]:
-        if d not in grams:
-            grams[d] = ngrams(texts[d].as_py())
+    def of(d: int) -> np.ndarray:
+        if d not in grams:  # str hashes differ between processes; this cache is per process
+            g = ngrams(texts[d].as_py())
+            grams[d] = np.fromiter(map(hash, g), np.int64, len(g))
         return grams[d]
 
-    pos = [g for g in (of(int(d)) for d in known) if g]
-    return np.array([_near(of(int(c)), pos, threshold) for c in cand], bool)
-
-
-def _near(a: set[str], others: list[set[str]], threshold: float) -> bool:
-    """Jaccard(a, b) > threshold for some b; the size bound min/max >= Jaccard skips most pairs."""
-    for b in others:
-        small, large = sorted((len(a), len(b)))
-        if small > threshold * large:
-            inter = len(a & b)
-            if inter > threshold * (len(a) + len(b) - inter):
-                return True
-    return False
+    pos = [of(int(d)) for d in known]
+    sets = [of(int(c)) for c in cand]
+    if not pos or not sets:
+        return np.zeros(len(cand), bool)
+    # Intersection sizes of every (candidate, positive) pair in one sort-merge join: each
+    # candidate n-gram is looked up among the positives' sorted n-grams.
+    size_c, size_p = np.array([len(a) for a in sets]), np.array([len(b) for b in pos])
+    pk = np.concatenate(pos)
+    owner = np.repeat(np.arange(len(pos)), size_p)
+    order = np.argsort(pk, kind="stable")
+    pk, owner = pk[order], owner[order]
+    ck = np.concatenate(sets)
+    holder = np.repeat(np.arange(len(sets)), size_c)
+    order = np.argsort(ck)  # sorted needles search 3x faster
+    ck, holder = ck[order], holder[order]
+    lo, hi = np.searchsorted(pk, ck, "left"), np.searchsorted(pk, ck, "right")
+    n = hi - lo
+    which = np.repeat(np.arange(len(ck)), n)  # one entry per (candidate n-gram, match)
+    match = lo[which] + np.arange(len(which)) - np.repeat(np.cumsum(n) - n, n)
+    pair = holder[which] * len(pos) + owner[match]
+    inter = np.bincount(pair, minlength=len(sets) * len(pos)).reshape(len(sets), len(pos))
+    union = size_c[:, None] + size_p[None, :] - inter
+    return (inter > threshold * union).any(axis=1)

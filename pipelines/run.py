@@ -22,7 +22,7 @@ from curate.curation import build_rows, query_topics, shard_table
 from curate.evaluate import evaluate
 from curate.read import Dataset, read_dataset
 from curate.text import content_hash
-from pipelines.cluster import Workers, connect
+from pipelines.cluster import Workers, arrow_system_allocator, connect
 from pipelines.stages import build_index_shards, embed_texts, guard_index, mine_pairs
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
         raise ValueError(f"stop_after={stop_after!r}; choose one of {STAGES}")
     timings: dict[str, float] = {}
     out = Path(cfg.output_dir)
+    arrow_system_allocator()  # before the first Arrow buffer
 
     def done(stage: str) -> bool:
         return STAGES.index(stage) >= STAGES.index(stop_after)
@@ -121,7 +122,7 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     texts = doc_texts(corpus)
-    with connect(cfg.cluster, quiet) as workers:
+    with connect(cfg.cluster, quiet, texts=len(corpus) + len(ds.queries)) as workers:
         with _timed(timings, "embed"):
             doc_ids, doc_vecs = embed_texts(
                 workers, corpus["doc_id"].to_list(), texts, cfg.embed.doc_prefix, model_path,

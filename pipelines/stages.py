@@ -173,7 +173,7 @@ def _mine_task(
         return out_path
     doc_vecs = np.load(vecs_path, mmap_mode="r")
     doc_hash = np.load(hash_path, mmap_mode="r")
-    doc_ids = pq.read_table(doc_ids_path).column("doc_id").to_pylist()
+    doc_ids = pq.ParquetFile(doc_ids_path).read().column("doc_id").to_pylist()
     # Per-shard hits -> the exact global top-k (ties on the lower doc number): one code path
     # whatever the shard count, so sharded and unsharded flat runs mine the same negatives.
     scores, cands = index.merge_topk(parts, offsets, mcfg.top_k)
@@ -260,9 +260,9 @@ def mine_pairs(
     _gather(workers, futures, "mine")
     tables, forbidden, funnel = [], [], Counter()
     for path in paths:
-        t = pq.read_table(path)
+        t = pq.ParquetFile(path).read()
         meta = t.schema.metadata
         funnel.update(json.loads(meta[b"funnel"]))
-        forbidden.append(pq.read_table(_forbidden_path(path)))
+        forbidden.append(pq.ParquetFile(_forbidden_path(path)).read())
         tables.append(t.replace_schema_metadata(None))
     return pa.concat_tables(tables), pa.concat_tables(forbidden), funnel

@@ -54,7 +54,7 @@ def run_here(client):
     """``pipelines.run.run`` in this process on the module's cluster (one cluster start for all)."""
 
     @contextmanager
-    def connect(cfg, quiet=False):
+    def connect(cfg, quiet=False, texts=None):
         yield Workers(client, 2, TORCH_THREADS)
 
     def go(cfg: dict) -> dict:

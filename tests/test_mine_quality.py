@@ -13,13 +13,15 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from curate.config import MineConfig, TrainConfig, config_from_dict
 from curate.fncheck import mining_quality
-from curate.mine import PairBlock, mine_block, write_doc_texts
+from curate.mine import PairBlock, _ngram_duplicates, load_doc_texts, mine_block, write_doc_texts
 from curate.scorer import load
 from curate.shards import read_manifest
-from curate.text import ngram_overlap
+from curate.text import ngram_overlap, ngrams, normalise
 from pipelines.run import run
 from train.train import batch_columns, batch_masks, load_forbidden
 
@@ -87,6 +89,33 @@ def test_ngram_rule_sees_only_survivors_of_the_earlier_rules(texts_file):
     assert res.forbidden == [(0, 1, "known_positive")]
     res = mine(path, range_min=1, ngram_threshold=0.5)  # d1 is at rank 0: out of the window
     assert res.funnel == {"candidates": 4, "out_of_window": 1, "kept": 3}
+
+
+def test_ngram_join_matches_pairwise_jaccard(cranfield, tmp_path):
+    """The sort-merge join over hashed n-grams decides as ngram_overlap does pair by pair, with
+    several known positives, repeated n-grams across positives and near-threshold pairs."""
+    docs = [json.loads(line)["text"] for line in (cranfield / "corpus.jsonl").open()][:60]
+    rng = np.random.default_rng(0)
+    for i in range(0, 60, 3):  # near copies at several overlaps, so every threshold is crossed
+        words = docs[i].split()
+        keep = int(len(words) * rng.uniform(0.3, 1.0))
+        docs.append(" ".join(words[:keep] + docs[i + 1].split()[: len(words) - keep]))
+    path = tmp_path / "texts.arrow"
+    write_doc_texts(path, docs)
+    texts = load_doc_texts(str(path))
+    for trial in range(30):
+        known = rng.choice(len(docs), rng.integers(1, 6), replace=False)
+        cand = rng.choice(len(docs), 25, replace=False)
+        threshold = float(rng.choice([0.1, 0.3, 0.5, 0.7]))
+        want = [max(ngram_overlap(docs[c], docs[k]) for k in known) > threshold for c in cand]
+        got = _ngram_duplicates(cand, known, texts, threshold, {})
+        assert got.tolist() == want, trial
+
+
+@given(st.text(alphabet=st.sampled_from("ab é É ß ﬁ ② _-.,\t\n'"), max_size=40))
+def test_ngrams_are_those_of_the_normalised_words(text):
+    words = normalise(text).split()
+    assert ngrams(text) == {" ".join(words[i : i + 3]) for i in range(max(1, len(words) - 2))}
 
 
 # --- the report ---------------------------------------------------------------------------

@@ -31,12 +31,13 @@ def _config(out: Path, data: Path, model: Path, **train) -> dict:
 
 
 def _shard_bytes(out: Path) -> dict[str, bytes]:
-    """Every shard file and the forbidden pairs, byte for byte; the manifest without the one
-    value that differs by design (output_dir)."""
+    """Every shard file and the forbidden pairs, byte for byte; the manifest without the values
+    that differ by design (output_dir, and the cluster it ran on)."""
     files = sorted((out / "shards").glob("*.parquet")) + [out / "forbidden.parquet"]
     got = {p.name: p.read_bytes() for p in files}
     manifest = read_manifest(out / "shards")
     manifest["config"].pop("output_dir")
+    manifest["config"].pop("cluster")
     got["manifest"] = manifest
     return got
 
@@ -76,9 +77,13 @@ def test_shards_pass_schema_and_invariants(first_run):
     assert 0.0 <= result["eval"]["base"]["ndcg@10"] <= 1.0
 
 
-def test_rerun_from_scratch_is_byte_identical(first_run, tmp_path, cranfield, tiny_model):
+def test_rerun_from_scratch_in_process_is_byte_identical(first_run, tmp_path, cranfield, tiny_model):
+    """A fresh run on one in-process worker (what a small corpus gets by default) writes the
+    same bytes as the 2-process run: the tasks, not where they run, decide the output."""
     out, _ = first_run
-    run(config_from_dict(_config(tmp_path, cranfield, tiny_model)))
+    cfg = _config(tmp_path, cranfield, tiny_model)
+    cfg["cluster"] = {"workers": "in_process"}
+    run(config_from_dict(cfg))
     assert _shard_bytes(tmp_path) == _shard_bytes(out)
 
 
@@ -90,3 +95,23 @@ def test_rerun_in_place_reuses_partitions_and_matches(first_run, cranfield, tiny
     assert sorted(p.name for p in (out / "cache" / "docs").iterdir()) == cached
     assert _shard_bytes(out) == before
     assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("cluster", "texts", "want"),
+    [
+        ({}, 1_000, True),  # small: no process start-up, one model in memory
+        ({}, 60_000, False),
+        ({}, None, False),  # size unknown: processes
+        ({"n_workers": 2}, 1_000, False),  # asked for workers: processes
+        ({"workers": "in_process"}, 10**7, True),
+        ({"workers": "processes"}, 10, False),
+        ({"in_process_max": 100}, 101, False),
+    ],
+)
+def test_in_process_worker_choice(cluster, texts, want):
+    from curate.config import ClusterConfig
+    from pipelines.cluster import in_process
+
+    assert in_process(ClusterConfig(**cluster), texts) is want
+
