@@ -22,6 +22,17 @@ WHAT = {
 MINER = {"C-default": "C-default", "C-nv": "C-nv", "D": "D", "E-nomask": "D", "E-notopic": "D"}
 
 
+def load_note(res: dict) -> str:
+    """Whether the benchmark had the machine to itself: its own runs keep the 1-minute load
+    average near the CPU count; more means other jobs shared the cores."""
+    loads = [x for r in res["runs"] for x in r.get("loadavg") or []]
+    if not loads:
+        return "load average not recorded"
+    top = max(loads)
+    shared = "other jobs shared the cores" if top > res["cpus"] + 0.5 else "the benchmark alone on the cores"
+    return f"load average {min(loads):.1f}-{top:.1f} per run, {shared}"
+
+
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     a = np.asarray(xs, dtype=float)
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
@@ -121,8 +132,8 @@ def block(res: dict) -> str:
         "",
         f"Command: `{res['command']}`  ",
         f"Compute time of the finished work: {res['compute_s'] / 60:.1f} min (setup "
-        f"{sum(res['setup_s'].values()) / 60:.1f} min + the runs) on {res['cpus']} CPUs; the "
-        "machine was shared (load average per run is in the JSON).",
+        f"{sum(res['setup_s'].values()) / 60:.1f} min + the runs) on {res['cpus']} CPUs; "
+        f"{load_note(res)}.",
         "",
         *(
             [f"Not run (out of time): {', '.join(res['missing'])}.", ""]
