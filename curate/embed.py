@@ -257,6 +257,12 @@ _ENCODERS: dict[tuple, Encoder] = {}
 _ENCODERS_LOCK = threading.Lock()  # a worker with several threads loads its model once
 
 
+def drop_encoders() -> None:
+    """Forget the loaded model: an in-process worker's cache outlives its cluster otherwise."""
+    with _ENCODERS_LOCK:
+        _ENCODERS.clear()
+
+
 def cached_encoder(cfg: EmbedConfig, model_path: Path, torch_threads: int | None = None) -> Encoder:
     """One loaded model per process (Dask worker), reused by every partition it embeds."""
     if torch_threads:

@@ -85,6 +85,9 @@ def test_rerun_from_scratch_in_process_is_byte_identical(first_run, tmp_path, cr
     cfg["cluster"] = {"workers": "in_process"}
     run(config_from_dict(cfg))
     assert _shard_bytes(tmp_path) == _shard_bytes(out)
+    from curate.embed import _ENCODERS
+
+    assert not _ENCODERS  # the worker's model went with its cluster
 
 
 def test_rerun_in_place_reuses_partitions_and_matches(first_run, cranfield, tiny_model):
