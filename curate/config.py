@@ -113,6 +113,9 @@ class MineConfig:
     # is then suspect for every pair of the query or for none, as forbidden pairs and the mask are
     # per query): "best" keeps more negatives, "weakest" rejects more likely false negatives.
     ceiling_from: Literal["best", "median", "weakest"] = "best"
+    # A target false-negative rate (e.g. 0.01): max_relative is then chosen per dataset by hiding
+    # each known positive in turn and counting how often it would be mined (curate/ceiling.py).
+    calibrate_ceiling: float | None = field(default=None, metadata=_range(0.0, 1.0))
     near_dup_threshold: float = field(default=0.98, metadata=_range(-1.0, 1.0))
     # Jaccard of normalised word 3-grams with a known positive above this -> ngram_duplicate.
     ngram_threshold: float | None = field(default=0.5, metadata=_range(0.0, 1.0))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from curate import dedup, embed, fncheck, index, mine, shards
+from curate import ceiling, dedup, embed, fncheck, index, mine, shards
 from curate.config import Config, DataConfig
 from curate.curation import build_rows, query_topics, shard_table
 from curate.evaluate import evaluate
@@ -150,13 +150,16 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
             blocks = pair_blocks(pairs, known, q_row, d_row, q_vecs, cfg.mine.query_partition)
             for b in blocks:
                 b.doc_texts = str(work / "doc_texts.arrow")  # the n-gram rule reads them
-            mined, forbidden, funnel = mine_pairs(workers, blocks, work, index_fp, icfg, cfg.mine, cfg.seed)
+            mcfg, cal = calibrate_ceiling(cfg, pairs, known, q_row, d_row, q_vecs, doc_vecs)
+            mined, forbidden, funnel = mine_pairs(workers, blocks, work, index_fp, icfg, mcfg, cfg.seed)
         with _timed(timings, "fncheck"):  # false-negative check, mining quality, teacher scores
             query_text = dict(zip(ds.queries["query_id"].to_list(), ds.queries["text"].to_list()))
             mined, forbidden, known, checks = fncheck.apply(
                 cfg, mined, forbidden, funnel, known, query_text, dict(zip(doc_ids, texts))
             )
             checks["index_recall"] = index_recall
+            if cal is not None:
+                checks["ceiling_calibration"] = dataclasses.asdict(cal)
         if done("mine"):
             return partial("mine")
         with _timed(timings, "curate"):
@@ -178,6 +181,19 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
     result["texts_per_s"] = round((len(doc_ids) + len(q_ids)) / max(timings["embed"], 1e-9), 1)
     shards.write_json(out / "report.json", result)
     return result
+
+
+def calibrate_ceiling(cfg: Config, pairs: pl.DataFrame, known: dict[str, list[str]], q_row: dict, d_row: dict,
+                      q_vecs: np.ndarray, doc_vecs: np.ndarray):
+    """-> (the mine config to use, the calibration or None): ``mine.calibrate_ceiling`` picks
+    max_relative from the train queries' known positives before any mining."""
+    if cfg.mine.calibrate_ceiling is None:
+        return cfg.mine, None
+    queries = pairs["query_id"].unique(maintain_order=True).to_list()
+    rows = [np.array([d_row[d] for d in known.get(q, []) if d in d_row], dtype=np.int64) for q in queries]
+    cal = ceiling.calibrate(doc_vecs, q_vecs[[q_row[q] for q in queries]], rows, cfg.mine,
+                            cfg.mine.calibrate_ceiling, cfg.seed)
+    return ceiling.calibrated(cfg.mine, cal), cal
 
 
 def build_index_files(workers: Workers, work: Path, corpus: pl.DataFrame, doc_ids: list[str], doc_vecs: np.ndarray,
