@@ -162,9 +162,14 @@ def cmd_validate(args) -> int:
     )
     print(f"  output_dir: {cfg.output_dir}")
     print(f"  model: {cfg.embed.model} ({found['model']})")
+    ceiling = (
+        f"max_relative {cfg.mine.max_relative}"
+        if cfg.mine.calibrate_ceiling is None
+        else f"max_relative calibrated on known positives (FN <= {cfg.mine.calibrate_ceiling:.1%})"
+    )
     print(
         f"  mine: top_k {cfg.mine.top_k}, num_negatives {cfg.mine.num_negatives}, "
-        f"window [{cfg.mine.range_min}, {cfg.mine.range_max}), max_relative {cfg.mine.max_relative}"
+        f"window [{cfg.mine.range_min}, {cfg.mine.range_max}), {ceiling}"
     )
     print(f"  batch: batch_size {cfg.batch.batch_size}, same_topic {cfg.batch.same_topic}")
     print(f"  train: {'on' if cfg.train.enabled else 'off'}; eval split: {cfg.data.eval_split}")

@@ -53,6 +53,10 @@ def test_validate_prints_what_it_found(cranfield, capsys):
     for line in ("config ok", "docs: 1398", "skipped_empty_docs: 2", "queries: 225",
                  "qrels.test:", "train_pairs:", "nothing was run"):  # fmt: skip
         assert line in out, line
+    assert "max_relative 0.95" in out
+    cli.main(["validate", "--data", str(cranfield), "--set", "data.empty_text=skip", "-q",
+              "--set", "mine.calibrate_ceiling=0.01"])  # fmt: skip
+    assert "max_relative calibrated on known positives (FN <= 1.0%)" in capsys.readouterr().out
 
 
 def test_unknown_key_gets_did_you_mean_and_exit_2(capsys):
