@@ -7,16 +7,19 @@ import re
 import unicodedata
 from collections.abc import Iterable
 
-_SPACE = re.compile(r"\s+")
-_PUNCT = re.compile(r"[^\w\s]")
 _WORD = re.compile(r"\w+")
+
+
+def words(text: str) -> list[str]:
+    """The runs of word characters of the case-folded NFKC text: punctuation and whitespace of
+    any kind only separate words."""
+    return _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
 
 
 def normalise(text: str) -> str:
     """Case-folded, NFKC, punctuation dropped, whitespace collapsed: two texts that differ only in
     these are the same document for deduplication."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return _SPACE.sub(" ", _PUNCT.sub(" ", text)).strip()
+    return " ".join(words(text))
 
 
 def text_hash(text: str) -> str:
@@ -34,8 +37,7 @@ def content_hash(parts: Iterable[str]) -> str:
 
 
 def ngrams(text: str, n: int = 3) -> set[str]:
-    # The words of normalise(text) (runs of \w), in one regex pass instead of two subs and a split.
-    tokens = _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
+    tokens = words(text)
     return {" ".join(tokens[i : i + n]) for i in range(max(1, len(tokens) - n + 1))}
 
 

@@ -112,10 +112,18 @@ def test_ngram_join_matches_pairwise_jaccard(cranfield, tmp_path):
         assert got.tolist() == want, trial
 
 
-@given(st.text(alphabet=st.sampled_from("ab é É ß ﬁ ② _-.,\t\n'"), max_size=40))
-def test_ngrams_are_those_of_the_normalised_words(text):
-    words = normalise(text).split()
-    assert ngrams(text) == {" ".join(words[i : i + 3]) for i in range(max(1, len(words) - 2))}
+@given(st.text(alphabet=st.sampled_from("ab é É ß ﬁ ② _-.,\t\n\x1c\u00a0\u2003'"), max_size=40))
+def test_normalise_and_ngrams_keep_their_definition(text):
+    """normalise and ngrams share one word split; it must give what the definition does:
+    NFKC, case-fold, every non-word non-space character to a space, whitespace collapsed."""
+    import re
+    import unicodedata
+
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    reference = re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", folded)).strip()
+    assert normalise(text) == reference
+    ws = reference.split()
+    assert ngrams(text) == {" ".join(ws[i : i + 3]) for i in range(max(1, len(ws) - 2))}
 
 
 # --- the report ---------------------------------------------------------------------------
