@@ -86,8 +86,8 @@ def _local_cluster(cfg: ClusterConfig, texts: int | None):
 def arrow_system_allocator() -> None:
     """Arrow's default mimalloc pool keeps the pages it freed: 56 of the 334 MB peak of a warm
     Cranfield mining run (benchmarks/mine.py), at no measured speed cost with the system pool.
-    Set for this process and, through the environment, for worker processes started after it;
-    a user's own ARROW_DEFAULT_MEMORY_POOL wins."""
+    Set for this process and, through the environment, for worker processes started after it
+    (``pipelines.run.run`` calls it first); a user's own ARROW_DEFAULT_MEMORY_POOL wins."""
     if "ARROW_DEFAULT_MEMORY_POOL" in os.environ:
         return
     import pyarrow as pa
@@ -114,7 +114,6 @@ def connect(cfg: ClusterConfig, quiet: bool = False, texts: int | None = None) -
         finally:
             client.close()
         return
-    arrow_system_allocator()
     cluster, workers, threads = _local_cluster(cfg, texts)
     client = Client(cluster)
     if not quiet:
