@@ -16,7 +16,7 @@ from the config.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -110,7 +110,3 @@ def calibrate(
         {f"{c:.2f}": round(float(r), 5) for c, r in zip(GRID, rate, strict=True)},
         {f"{c:.2f}": int(m) for c, m in zip(GRID, negs, strict=True)},
     )
-
-
-def calibrated(cfg: MineConfig, cal: Calibration) -> MineConfig:
-    return replace(cfg, max_relative=cal.max_relative)

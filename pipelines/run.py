@@ -150,7 +150,7 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
             blocks = pair_blocks(pairs, known, q_row, d_row, q_vecs, cfg.mine.query_partition)
             for b in blocks:
                 b.doc_texts = str(work / "doc_texts.arrow")  # the n-gram rule reads them
-            mcfg, cal = calibrate_ceiling(cfg, pairs, known, q_row, d_row, q_vecs, doc_vecs)
+            mcfg, cal = calibrate_ceiling(cfg, work, index_fp, pairs, known, q_row, d_row, q_vecs, doc_vecs)
             mined, forbidden, funnel = mine_pairs(workers, blocks, work, index_fp, icfg, mcfg, cfg.seed)
         with _timed(timings, "fncheck"):  # false-negative check, mining quality, teacher scores
             query_text = dict(zip(ds.queries["query_id"].to_list(), ds.queries["text"].to_list()))
@@ -183,17 +183,26 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
     return result
 
 
-def calibrate_ceiling(cfg: Config, pairs: pl.DataFrame, known: dict[str, list[str]], q_row: dict, d_row: dict,
-                      q_vecs: np.ndarray, doc_vecs: np.ndarray):
+def calibrate_ceiling(cfg: Config, work: Path, index_fp: str, pairs: pl.DataFrame, known: dict[str, list[str]],
+                      q_row: dict, d_row: dict, q_vecs: np.ndarray, doc_vecs: np.ndarray):
     """-> (the mine config to use, the calibration or None): ``mine.calibrate_ceiling`` picks
-    max_relative from the train queries' known positives before any mining."""
+    max_relative from the train queries' known positives before any mining. Kept in the work
+    folder, so a rerun over the same embeddings and positives does not search again."""
     if cfg.mine.calibrate_ceiling is None:
         return cfg.mine, None
     queries = pairs["query_id"].unique(maintain_order=True).to_list()
-    rows = [np.array([d_row[d] for d in known.get(q, []) if d in d_row], dtype=np.int64) for q in queries]
-    cal = ceiling.calibrate(doc_vecs, q_vecs[[q_row[q] for q in queries]], rows, cfg.mine,
-                            cfg.mine.calibrate_ceiling, cfg.seed)
-    return ceiling.calibrated(cfg.mine, cal), cal
+    positives = [[d for d in known.get(q, []) if d in d_row] for q in queries]
+    key = content_hash([index_fp, json.dumps(dataclasses.asdict(cfg.mine), sort_keys=True), str(cfg.seed),
+                        *(f"{q}\t{','.join(ds)}" for q, ds in zip(queries, positives))])
+    path = work / f"ceiling-{key}.json"
+    if path.is_file():
+        cal = ceiling.Calibration(**json.loads(path.read_text()))
+    else:
+        rows = [np.array([d_row[d] for d in ds], dtype=np.int64) for ds in positives]
+        cal = ceiling.calibrate(doc_vecs, q_vecs[[q_row[q] for q in queries]], rows, cfg.mine,
+                                cfg.mine.calibrate_ceiling, cfg.seed)
+        shards.write_json(path, dataclasses.asdict(cal))
+    return dataclasses.replace(cfg.mine, max_relative=cal.max_relative), cal
 
 
 def build_index_files(workers: Workers, work: Path, corpus: pl.DataFrame, doc_ids: list[str], doc_vecs: np.ndarray,

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from slice_data import pipeline_config
 
+from curate import ceiling
 from curate.ceiling import GRID, calibrate
 from curate.config import MineConfig, config_from_dict
 from curate.shards import read_manifest
@@ -60,9 +62,7 @@ def test_single_positive_data_keeps_the_configured_ceiling():
     assert (cal.max_relative, cal.queries, cal.fn_rate) == (MineConfig().max_relative, 0, {})
 
 
-def test_pipeline_mines_with_the_calibrated_ceiling(tmp_path, cranfield, tiny_model):
-    from slice_data import pipeline_config
-
+def test_pipeline_mines_with_the_calibrated_ceiling(tmp_path, cranfield, tiny_model, monkeypatch):
     cfg = pipeline_config(tmp_path / "out", cranfield, tiny_model, cluster={"workers": "in_process"})
     cfg["mine"] = {**cfg["mine"], "max_relative": None, "calibrate_ceiling": 0.0}
     cfg["train"] = {"enabled": False}
@@ -74,3 +74,11 @@ def test_pipeline_mines_with_the_calibrated_ceiling(tmp_path, cranfield, tiny_mo
     assert cal["fn_rate"][f"{chosen:.2f}"] == 0 or chosen == GRID[-1]
     funnel = result["manifest"]["funnel"]
     assert funnel.get("above_ceiling", 0) > 0  # max_relative None in the config, yet a ceiling ran
+
+    # A rerun in place reads the calibration back instead of searching again, and agrees.
+    def no_search(*args, **kwargs):
+        raise AssertionError("calibrated again on a rerun")
+
+    monkeypatch.setattr(ceiling, "calibrate", no_search)
+    run(config_from_dict(cfg), quiet=True)
+    assert read_manifest(tmp_path / "out" / "shards")["ceiling_calibration"] == cal
