@@ -58,12 +58,14 @@ def pipeline_config(out: Path, data_dir: Path, model: Path, **sections) -> dict:
     return cfg
 
 
-def output_bytes(out: Path) -> dict:
-    """Every shard file and the forbidden pairs, byte for byte, plus the manifest without the one
-    value that differs by design (output_dir)."""
+def output_bytes(out: Path, differ: tuple[str, ...] = ("output_dir",)) -> dict:
+    """Every shard file and the forbidden pairs, byte for byte, plus the manifest without the
+    config sections that differ by design (``differ``: output_dir, and the cluster where the
+    two runs compared ran on different ones)."""
     files = sorted((out / "shards").glob("*.parquet")) + [out / "forbidden.parquet"]
     got: dict = {p.name: p.read_bytes() for p in files}
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
-    manifest["config"].pop("output_dir")
+    for key in differ:
+        manifest["config"].pop(key)
     got["manifest.json"] = manifest
     return got

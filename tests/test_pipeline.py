@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from slice_data import output_bytes
 
 from curate import schema
 from curate.config import config_from_dict
@@ -30,16 +31,7 @@ def _config(out: Path, data: Path, model: Path, **train) -> dict:
     }
 
 
-def _shard_bytes(out: Path) -> dict[str, bytes]:
-    """Every shard file and the forbidden pairs, byte for byte; the manifest without the values
-    that differ by design (output_dir, and the cluster it ran on)."""
-    files = sorted((out / "shards").glob("*.parquet")) + [out / "forbidden.parquet"]
-    got = {p.name: p.read_bytes() for p in files}
-    manifest = read_manifest(out / "shards")
-    manifest["config"].pop("output_dir")
-    manifest["config"].pop("cluster")
-    got["manifest"] = manifest
-    return got
+DIFFER_BY_DESIGN = ("output_dir", "cluster")  # config sections the compared runs do not share
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +76,7 @@ def test_rerun_from_scratch_in_process_is_byte_identical(first_run, tmp_path, cr
     cfg = _config(tmp_path, cranfield, tiny_model)
     cfg["cluster"] = {"workers": "in_process"}
     run(config_from_dict(cfg))
-    assert _shard_bytes(tmp_path) == _shard_bytes(out)
+    assert output_bytes(tmp_path, DIFFER_BY_DESIGN) == output_bytes(out, DIFFER_BY_DESIGN)
     from curate.embed import _ENCODERS
 
     assert not _ENCODERS  # the worker's model went with its cluster
@@ -92,11 +84,11 @@ def test_rerun_from_scratch_in_process_is_byte_identical(first_run, tmp_path, cr
 
 def test_rerun_in_place_reuses_partitions_and_matches(first_run, cranfield, tiny_model):
     out, _ = first_run
-    before = _shard_bytes(out)
+    before = output_bytes(out, DIFFER_BY_DESIGN)
     cached = sorted(p.name for p in (out / "cache" / "docs").iterdir())
     run(config_from_dict(_config(out, cranfield, tiny_model)))
     assert sorted(p.name for p in (out / "cache" / "docs").iterdir()) == cached
-    assert _shard_bytes(out) == before
+    assert output_bytes(out, DIFFER_BY_DESIGN) == before
     assert not list(out.rglob("*.tmp"))
 
 
