@@ -3,7 +3,8 @@
 
 Each side runs in its own subprocess (python start-up and imports included), measured from
 outside: wall time, CPU seconds of the whole process tree, and the peak of the summed RSS and PSS
-of the tree (Dask worker processes, where a run has them, are separate processes; PSS shares library pages fairly).
+of the tree (Dask worker processes, where a run has them, are separate processes; PSS
+shares library pages fairly).
 Runs (``RUNS``): each side cold (empty caches), then warm (embeddings cached: curate's
 content-addressed cache, ST's ``cache_folder``), then warm variants: curate without its n-gram
 rule, and both sides without a ceiling (for the overlap). Overlap: per (query, positive) pair,
