@@ -63,6 +63,8 @@ def test_wrong_type(override, message):
         ("mine.near_dup_threshold=1.5", r"1\.5 is out of range \[-1\.0, 1\.0\]"),
         ("batch.batch_size=1", r"1 is out of range \[2, 65536\]"),
         ("index.nprobe=0", r"0 is out of range \[1, None\]"),
+        ("mine.calibrate_ceiling=2", r"config\.mine\.calibrate_ceiling: 2\.0 is out of range \[0\.0, 1\.0\]"),
+        ("cluster.in_process_max=-1", r"config\.cluster\.in_process_max: -1 is out of range \[0, None\]"),
     ],
 )
 def test_out_of_range(override, message):
@@ -77,6 +79,12 @@ def test_literal_choice():
     ):
         load_config(None, ["mine.strategy=best"])
     assert load_config(None, ["mine.strategy=random"]).mine.strategy == "random"
+    with pytest.raises(
+        ConfigError,
+        match=r"config\.cluster\.workers: 'threads' is not allowed; choose one of "
+        r"\['auto', 'processes', 'in_process'\]",
+    ):
+        load_config(None, ["cluster.workers=threads"])
 
 
 def test_overrides_apply_over_the_file(tmp_path):
