@@ -134,8 +134,15 @@ class DedupConfig:
 @dataclass(frozen=True)
 class BatchConfig:
     batch_size: int = field(default=32, metadata=_range(2, 65536))
-    # Share of each batch drawn from one topic cluster; the rest is drawn from all topics.
+    # spread: at most topic_cap rows of one topic (query cluster) per batch, topics mixed evenly,
+    # so one topic's unlabelled relevant documents do not become each other's negatives;
+    # cluster: same_topic x batch_size rows from one topic (TAS-Balanced); off: random order.
+    topics: Literal["spread", "cluster", "off"] = "spread"
+    topic_cap: int = field(default=0, metadata=_range(0))  # 0: ceil(batch_size / n_topics)
+    # Share of each batch drawn from one topic cluster (topics: cluster); the rest from all topics.
     same_topic: float = field(default=0.75, metadata=_range(0.0, 1.0))
+    # Most rows (positives) of one query in a batch; 0: no cap.
+    max_rows_per_query: int = field(default=0, metadata=_range(0))
     n_topics: int = field(default=0, metadata=_range(0))  # 0: about sqrt(#queries)
     # Rows whose known positives collide in a batch: "mask" keeps them together and records the
     # mask (known_pos_ids); "separate" never puts them in one batch.

@@ -35,7 +35,7 @@ def build_rows(
         neg_cols["neg_ids"].append([k[0] for k in keep])
         neg_cols["neg_scores"].append([k[1] for k in keep])
         neg_cols["neg_ranks"].append([k[2] for k in keep])
-        rows.append(Row(pos, tuple(k[0] for k in keep), kp, topic_of[r["query_id"]]))
+        rows.append(Row(pos, tuple(k[0] for k in keep), kp, topic_of[r["query_id"]], r["query_id"]))
     out = mined.with_columns(
         pl.Series("pos_id", [r.pos for r in rows], pl.String),
         pl.Series("neg_ids", neg_cols["neg_ids"], pl.List(pl.String)),

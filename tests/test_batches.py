@@ -38,10 +38,11 @@ def check_no_repeat_in_batch(rows, batches, negs):
         assert len(docs) == len(set(docs)), f"doc repeated in batch {b}: {Counter(docs)}"
 
 
+@pytest.mark.parametrize("topics", ["spread", "cluster", "off"])
 @pytest.mark.parametrize("mode", ["mask", "separate"])
-def test_every_row_once_and_no_doc_twice_in_a_batch(mode):
+def test_every_row_once_and_no_doc_twice_in_a_batch(mode, topics):
     rows = overlapping_rows()
-    cfg = BatchConfig(batch_size=8, same_topic=0.5, shared_positives=mode)
+    cfg = BatchConfig(batch_size=8, topics=topics, same_topic=0.5, shared_positives=mode)
     batches, negs, stats = compose(rows, cfg, seed=0)
     assert sorted(i for b in batches for i in b) == list(range(40))
     assert all(1 <= len(b) <= 8 for b in batches)
@@ -165,9 +166,54 @@ def test_same_seed_same_batches_other_seed_differs():
 
 def test_full_topic_share_gives_single_topic_batches():
     rows = [row(f"p{i}", f"n{i}", topic=i % 2) for i in range(16)]
-    batches, _, _ = compose(rows, BatchConfig(batch_size=4, same_topic=1.0), seed=1)
+    batches, _, _ = compose(rows, BatchConfig(batch_size=4, topics="cluster", same_topic=1.0), seed=1)
     assert len(batches) == 4
     assert all(len({rows[i].topic for i in b}) == 1 for b in batches)
+
+
+def topic_rows(n_topics: int, per_topic: int, queries_per_topic: int = 0) -> list[Row]:
+    """Rows with distinct positives and negatives; row k of topic t belongs to query
+    t.(k mod queries_per_topic) (one query per row when 0)."""
+    rows = []
+    for t in range(n_topics):
+        for k in range(per_topic):
+            q = f"q{t}.{k % queries_per_topic if queries_per_topic else k}"
+            rows.append(Row(f"p{t}.{k}", (f"n{t}.{k}",), frozenset({f"p{t}.{k}"}), t, q))
+    return rows
+
+
+def test_spread_mixes_topics_up_to_the_cap():
+    rows = topic_rows(n_topics=4, per_topic=16)
+    batches, _, stats = compose(rows, BatchConfig(batch_size=4, topics="spread"), seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(64))
+    assert len(batches) == 16  # the caps never left a batch short
+    assert all(len({rows[i].topic for i in b}) == 4 for b in batches)  # cap ceil(4/4) = 1
+    assert stats["rows_over_topic_cap"] == 0
+    # cluster mode on the same rows packs one topic, so the check above is not vacuous
+    clustered, _, _ = compose(rows, BatchConfig(batch_size=4, topics="cluster", same_topic=1.0), 0)
+    assert all(len({rows[i].topic for i in b}) == 1 for b in clustered)
+
+
+def test_spread_topic_cap_setting_and_uneven_topics():
+    # Topic 0 has 3/4 of the rows: with cap 2 a batch of 4 still mixes, and the rows it
+    # cannot mix (the end, when only topic 0 is left) are placed over the cap and counted.
+    rows = [Row(f"p{i}", (f"n{i}",), frozenset({f"p{i}"}), 0 if i < 24 else 1 + (i - 24) // 4, f"q{i}")
+            for i in range(32)]
+    batches, _, stats = compose(rows, BatchConfig(batch_size=4, topics="spread", topic_cap=2), 1)
+    over = sum(max(0, Counter(rows[i].topic for i in b)[0] - 2) for b in batches)
+    assert over == stats["rows_over_topic_cap"] > 0
+    assert sorted(i for b in batches for i in b) == list(range(32))
+
+
+def test_max_rows_per_query_caps_a_querys_positives_in_a_batch():
+    rows = topic_rows(n_topics=2, per_topic=12, queries_per_topic=2)  # 6 positives per query
+    for topics in ("spread", "cluster", "off"):
+        cfg = BatchConfig(batch_size=4, topics=topics, same_topic=1.0, max_rows_per_query=1)
+        batches, _, _ = compose(rows, cfg, seed=0)
+        assert sorted(i for b in batches for i in b) == list(range(24))
+        assert all(max(Counter(rows[i].query for i in b).values()) == 1 for b in batches), topics
+    uncapped, _, _ = compose(rows, BatchConfig(batch_size=4, topics="cluster", same_topic=1.0), 0)
+    assert any(max(Counter(rows[i].query for i in b).values()) > 1 for b in uncapped)
 
 
 def test_drop_last():
