@@ -9,9 +9,10 @@ seeds; every arm is scored by the same evaluator (curate's Encoder, exact search
     B-curate   the same data through curate's trainer (random batches, no negatives, no masks)
     C-default  sentence-transformers mine_hard_negatives with its defaults + MNRL
     C-nv       mine_hard_negatives with the NV-Retriever settings its docs recommend + MNRL
-    D          curate in full: mined + filtered negatives, topic batches, known-positive masks
+    D          curate in full: mined + filtered negatives, topic-spread batches, known-positive masks
     E-nomask   D without the mask (train.mask: false)
-    E-notopic  D without topic batches (batch.same_topic: 0)
+    E-notopic  D without topic handling (batch.topics: off)
+    D-*        ablations of D (quality_arms.VARIANTS), e.g. D-cluster: the TAS-style topic batches
 
     .venv/bin/python benchmarks/quality.py ../shared/data/cranfield
     .venv/bin/python benchmarks/quality.py ../shared/data/squad-v1.1-dev
@@ -57,7 +58,7 @@ from quality_data import (  # noqa: E402  # noqa: E402
 log = logging.getLogger("quality")
 # Goal arms first: a run cut short still answers "does D beat C".
 ARMS = ("A", "C-nv", "D", "C-default", "E-nomask", "E-notopic", "B-st", "B-curate")
-CURATE_ARMS = ("D", "E-nomask", "E-notopic")
+CURATE_ARMS = ("D", "E-nomask", "E-notopic", *arms.VARIANTS)
 
 
 def library_fingerprint() -> dict:
@@ -302,7 +303,8 @@ def benchmark(
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("data", help="a BEIR folder with qrels/train.tsv and qrels/test.tsv")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS + tuple(arms.VARIANTS),
+                   help="the arms (default: the main ones); ablations of D: " + ", ".join(arms.VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     d = arms.Settings()
     for name in (

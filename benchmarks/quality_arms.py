@@ -31,6 +31,21 @@ ST_MINING = {
 }
 
 
+# Ablations of D (issue #12): each is D with these settings changed (dotted config keys).
+VARIANTS = {
+    "D-cluster": {"batch.topics": "cluster", "batch.same_topic": 0.75},  # D before issue #12
+    "D-q1": {"batch.max_rows_per_query": 1},
+    "D-cal": {"mine.calibrate_ceiling": 0.01},
+    "D-weakest": {"mine.ceiling_from": "weakest"},
+    "D-median": {"mine.ceiling_from": "median"},
+    "D-nospare": {"mine.spare_negatives": 0},
+    "D-inbatch": {"mine.num_negatives": 0, "mine.spare_negatives": 0},
+    "D-cal-q1": {"mine.calibrate_ceiling": 0.01, "batch.max_rows_per_query": 1},
+    "D-median-q1": {"mine.ceiling_from": "median", "batch.max_rows_per_query": 1},
+    "D-weakest-q1": {"mine.ceiling_from": "weakest", "batch.max_rows_per_query": 1},
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     steps: int = 30
@@ -192,16 +207,16 @@ def curate_config(
     qrels_dir: str | None = None,
     train: bool = True,
 ):
-    from curate.config import config_from_dict
+    from curate.config import _set_path, config_from_dict
 
-    return config_from_dict({
+    tree = {
         "output_dir": str(out), "cache_dir": str(cache), "seed": seed,
         "data": {"path": bench.path, "empty_text": "skip", "eval_split": None, "qrels_dir": qrels_dir},
         "embed": {"max_length": s.max_length, "device": "cpu", "dtype": "float32"},
         "index": {"use_gpu": "never"},
         "mine": {"num_negatives": s.num_negatives, **(
             {"max_relative": s.d_max_relative} if s.d_max_relative is not None else {})},
-        "batch": {"batch_size": s.batch_size, "same_topic": 0.0 if arm == "E-notopic" else 0.75},
+        "batch": {"batch_size": s.batch_size, **({"topics": "off"} if arm == "E-notopic" else {})},
         "train": {
             "enabled": train, "epochs": 1000, "max_steps": s.steps, "lr": s.lr,
             "warmup_steps": s.warmup_steps, "weight_decay": s.weight_decay,
@@ -209,7 +224,10 @@ def curate_config(
             "checkpoint_every": 10**6, "mask": arm != "E-nomask",
         },
         "eval": {"enabled": False},
-    })  # fmt: skip
+    }  # fmt: skip
+    for key, value in VARIANTS.get(arm, {}).items():
+        _set_path(tree, key, value)
+    return config_from_dict(tree)
 
 
 def curate_batches(shard_dir: Path, train_cfg, steps: int):

@@ -15,11 +15,21 @@ WHAT = {
     "B-curate": "in-batch negatives, random batches; curate trainer, no masks",
     "C-default": "ST mine_hard_negatives defaults + MNRL (NO_DUPLICATES batches)",
     "C-nv": "ST mine_hard_negatives, relative_margin=0.05, top + MNRL (NO_DUPLICATES)",
-    "D": "curate: filtered negatives, topic batches, masks; curate trainer",
+    "D": "curate defaults: filtered negatives, topic-spread batches, masks; curate trainer",
     "E-nomask": "D without the mask (train.mask: false)",
-    "E-notopic": "D without topic batches (batch.same_topic: 0)",
+    "E-notopic": "D without topic handling (batch.topics: off)",
 }
 MINER = {"C-default": "C-default", "C-nv": "C-nv", "D": "D", "E-nomask": "D", "E-notopic": "D"}
+
+
+def _variants() -> None:
+    from quality_arms import VARIANTS
+
+    for name, sets in VARIANTS.items():
+        WHAT[name] = "D with " + ", ".join(f"{k}={v}" for k, v in sets.items())
+
+
+_variants()
 
 
 def load_note(res: dict) -> str:
