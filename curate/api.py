@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from curate.config import Config, _set_path, build, load_config, parse_override
+from curate.config import Config, from_tree, load_config
 
 ConfigLike = Config | str | Path | dict | None
 
@@ -28,10 +28,9 @@ def as_config(config: ConfigLike = None, overrides: Sequence[str] = ()) -> Confi
     """Any ConfigLike plus ``KEY=VALUE`` overrides -> a validated Config."""
     if config is None or isinstance(config, (str, Path)):
         return load_config(config, overrides)
-    tree = config.to_dict() if isinstance(config, Config) else dict(config)
-    for item in overrides:
-        _set_path(tree, *parse_override(item))
-    return build(Config, tree)
+    if isinstance(config, Config) and not overrides:
+        return config  # validated when it was loaded; checking again would repeat its warnings
+    return from_tree(config.to_dict() if isinstance(config, Config) else dict(config), overrides)
 
 
 def run(

@@ -6,6 +6,7 @@ against the field's type, its allowed choices (``Literal``) and its range (``fie
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -212,9 +213,8 @@ class FnCheckConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.band[0] <= self.band[1]:
-            raise ConfigError(
-                f"fncheck.band: {list(self.band)} must be [lo, hi] with 0 <= lo <= hi"
-            )
+            detail = f"{list(self.band)} must be [lo, hi] with 0 <= lo <= hi"
+            raise ConfigError(f"fncheck.band: {detail}", ("fncheck.band",), "fncheck.band", detail)
 
 
 @dataclass(frozen=True)
@@ -250,6 +250,11 @@ class Config:
 # --- building and validating -------------------------------------------------------------
 
 
+def _bad(where: str, detail: str) -> ConfigError:
+    """An error about one key (``where``: its dotted path); the loader names its source."""
+    return ConfigError(f"{where}: {detail}", (where,), where, detail)
+
+
 def _check_value(where: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -261,49 +266,52 @@ def _check_value(where: str, value: Any, hint: Any, meta: typing.Mapping) -> Any
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+            raise _bad(where, f"expected a list of {len(args)} values, got {value!r}")
         items = enumerate(zip(value, args, strict=True))
         return tuple(_check_value(f"{where}[{i}]", v, a, meta) for i, (v, a) in items)
     if origin is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
-            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {list(allowed)}")
+            raise _bad(where, f"{value!r} is not allowed; choose one of {list(allowed)}")
         return value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of keys, got {value!r}")
+            raise _bad(where, f"expected a mapping of keys, got {value!r}")
         return build(hint, value, where)
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise _bad(where, f"expected true or false, got {value!r}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise _bad(where, f"expected an integer, got {value!r}")
     elif hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise _bad(where, f"expected a number, got {value!r}")
         value = float(value)
     elif hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise _bad(where, f"expected a string, got {value!r}")
     lo, hi = meta.get("lo"), meta.get("hi")
     if lo is not None and value < lo or hi is not None and value > hi:
-        raise ConfigError(f"{where}: {value!r} is out of range [{lo}, {hi}]")
+        raise _bad(where, f"{value!r} is out of range [{lo}, {hi}]")
     return value
 
 
-def build(cls: type, values: dict, where: str = "config") -> Any:
-    """Build dataclass ``cls`` from a plain mapping, validating every key and value."""
+def build(cls: type, values: dict, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a plain mapping, validating every key and value.
+    ``where``: the dotted path of ``values`` in the config ("" at the top)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
+        path = f"{where}.{key}" if where else str(key)
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {sorted(fields)}"
-            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
-        kwargs[key] = _check_value(f"{where}.{key}", value, hints[key], fields[key].metadata)
+            detail = f"unknown key {key!r}" + (f" in {where}" if where else "") + hint
+            raise ConfigError(f"config: {detail}", (path,), "", detail)
+        kwargs[key] = _check_value(path, value, hints[key], fields[key].metadata)
     return cls(**kwargs)
 
 
@@ -346,10 +354,56 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         tree = _safe_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for item in overrides:
-        _set_path(tree, *parse_override(item))
-    return build(Config, tree, str(path) if path else "config")
+    return from_tree(tree, overrides, str(path) if path else "built-in defaults")
 
 
 def config_from_dict(tree: dict) -> Config:
-    return build(Config, tree)
+    return from_tree(tree)
+
+
+def from_tree(tree: dict, overrides: typing.Sequence[str] = (), source: str = "config") -> Config:
+    """A parsed config (``source``: the YAML file it came from) plus ``KEY=VALUE`` overrides ->
+    a validated Config: every value, then the settings that must agree (curate.config_rules).
+    An error names where the value came from: ``--set KEY=VALUE``, or ``source``."""
+    from curate import config_rules
+
+    tree = copy.deepcopy(tree)  # the caller's mapping is left as it was
+    given = set(_dotted(tree))  # keys the source itself sets, before any override
+    sets: dict[str, str] = {}
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(tree, key, value)
+        sets[key] = item
+    try:
+        cfg = build(Config, tree)
+        config_rules.check(cfg)
+    except ConfigError as err:
+        raise _located(err, source, sets, given) from None
+    return cfg
+
+
+def _dotted(tree: dict, prefix: str = "") -> typing.Iterator[str]:
+    for key, value in tree.items():
+        yield prefix + str(key)
+        if isinstance(value, dict):
+            yield from _dotted(value, f"{prefix}{key}.")
+
+
+def _located(err: ConfigError, source: str, sets: dict[str, str], given: set[str]) -> ConfigError:
+    """``err`` prefixed with where its keys were set: the ``--set`` that set them, else the file."""
+    if not err.keys:
+        return err
+
+    def origin(key: str) -> str | None:
+        for k, item in sets.items():
+            if key == k or key.startswith((k + ".", k + "[")):
+                return f"--set {item}"
+        return source if key in given or key.split("[")[0] in given else None
+
+    origins = [o for o in dict.fromkeys(origin(k) for k in err.keys) if o]
+    if len(err.keys) == 1 and origins and origins[0].startswith("--set "):
+        message = f"{origins[0]}: {err.detail}"  # the --set names the key already
+    else:
+        where = f"{err.where}: " if err.where else ""
+        message = f"{', '.join(origins) or source}: {where}{err.detail}"
+    return ConfigError(message, err.keys, err.where, err.detail)

@@ -21,7 +21,18 @@ class DataError(CurateError):
 
 
 class ConfigError(CurateError):
-    """A config value that is unknown, of the wrong type or out of range."""
+    """A config value that is unknown, of the wrong type or out of range, or settings that cannot
+    work together. ``keys``: the dotted keys it is about; ``where`` (the key or section) and
+    ``detail`` (what is wrong): the loader uses them to name where a value came from (the YAML
+    file or a ``--set``)."""
+
+    def __init__(self, message: str, keys: tuple[str, ...] = (), where: str = "",
+                 detail: str | None = None):  # fmt: skip
+        super().__init__(message)
+        self.keys, self.where, self.detail = tuple(keys), where, detail or message
+
+    def __reduce__(self):  # rebuilt from its fields when it crosses processes (a Dask task)
+        return type(self), (str(self), self.keys, self.where, self.detail)
 
 
 class StageMismatchError(CurateError):
