@@ -293,6 +293,15 @@ def _drop_empty(frame: pl.DataFrame, path: Path, mode: str) -> tuple[pl.DataFram
     return frame.filter(~empty), skipped
 
 
+def _nothing_left(path: Path, kind: str, rows: int) -> DataError:
+    """A corpus or query file with no usable row."""
+    if rows:
+        problem = f"all {rows} rows have empty text and were skipped (data.empty_text: skip)"
+        return _fail(path, None, problem, "fill in the texts, or point at another file")
+    fix = f"point data.path (or data.{kind}) at a file holding the {kind}, one JSON object a line"
+    return _fail(path, None, f"the {kind} file holds no rows", fix)
+
+
 def _check_qrels(
     qrels: pl.DataFrame, path: Path, kept: dict[str, pl.Series], skipped: dict[str, pl.Series]
 ) -> tuple[pl.DataFrame, int]:
@@ -323,6 +332,8 @@ def read_dataset(cfg: DataConfig, splits: Sequence[str] | None = None) -> Datase
     for name, kind, path in (("docs", "corpus", corpus_path), ("queries", "queries", queries_path)):
         full = _read(path, kind, cfg.columns)
         frames[name], skipped_ids = _drop_empty(full, path, cfg.empty_text)
+        if not frames[name].height:  # here, not later as ids the qrels name but nothing holds
+            raise _nothing_left(path, kind, full.height)
         id_col = full.columns[0]
         kept[id_col], skipped[id_col] = frames[name][id_col], skipped_ids
         stats |= {f"{name}_read": full.height, f"skipped_empty_{name}": skipped_ids.len()}

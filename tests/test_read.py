@@ -367,7 +367,11 @@ def test_property_clean_or_names_offending_line(tmp_path_factory, lines, mode):
     try:
         ds = read_dataset(cfg)
     except DataError as e:
-        assert e.file.endswith("corpus.jsonl") and e.row is not None
+        assert e.file.endswith("corpus.jsonl")
+        if e.row is None:  # no usable document at all: named as such, with no row
+            assert all(isinstance(r, dict) for r in lines), (e, lines)
+            assert not any((r.get("title", "") + r["text"]).strip() for r in lines), (e, lines)
+            return
         assert _offending(lines, e.row, mode), (e, lines)
         return
     assert not any(_offending(lines, r, mode) for r in range(1, len(lines) + 1))
@@ -382,3 +386,19 @@ def test_dataset_is_frozen(tmp_path):
     ds = read_dataset(DataConfig(path=str(write_beir(tmp_path))))
     with pytest.raises(dataclasses.FrozenInstanceError):
         ds.stats = {}  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("kind", ["corpus", "queries"])
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_empty_corpus_or_queries_file_is_named(tmp_path, kind, content):
+    root = write_beir(tmp_path)
+    (root / f"{kind}.jsonl").write_text(content)
+    err = _error(DataConfig(path=str(root)), f"{kind}.jsonl", "no rows", "Fix:")
+    assert err.file == str(root / f"{kind}.jsonl")
+    assert "qrels" not in err.file
+
+
+def test_corpus_of_only_empty_texts_is_named_when_skipped(tmp_path):
+    root = write_beir(tmp_path, docs=[{"_id": "1", "text": " "}, {"_id": "2", "text": ""}])
+    err = _error(DataConfig(path=str(root), empty_text="skip"), "all 2 rows", "empty text")
+    assert err.file == str(root / "corpus.jsonl")
