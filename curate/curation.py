@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curate import schema, topics
 from curate.batches import Row, compose
@@ -14,20 +15,42 @@ from curate.config import BatchConfig
 from curate.dedup import remap
 
 
+def canonical_forbidden(forbidden: pa.Table, canon: dict[str, str]) -> pa.Table:
+    """Forbidden pairs under canonical doc ids, one row per (query, doc), sorted: the shards
+    name a document by its canonical id, so the trainer's mask must too (a rejected duplicate
+    would otherwise escape it under its twin's id)."""
+    df = pl.from_arrow(forbidden)
+    if df.height == 0:
+        return forbidden.cast(schema.FORBIDDEN)
+    doc = [canon.get(d, d) for d in df["doc_id"].to_list()]
+    df = df.with_columns(pl.Series("doc_id", doc, pl.String))
+    df = df.sort("query_id", "doc_id", "reason", "score", maintain_order=True)
+    return df.unique(["query_id", "doc_id"], keep="first", maintain_order=True).to_arrow().cast(
+        schema.FORBIDDEN
+    )
+
+
 def build_rows(
-    mined: pl.DataFrame, known: dict[str, list[str]], canon: dict[str, str], topic_of: dict[str, int]
+    mined: pl.DataFrame,
+    known: dict[str, list[str]],
+    canon: dict[str, str],
+    topic_of: dict[str, int],
+    rejected: dict[str, set[str]] | None = None,
 ) -> tuple[pl.DataFrame, list[Row], Counter]:
     """Remap every id to its canonical id; a negative that collapses onto the positive, a known
-    positive or another negative of its row is dropped and counted."""
+    positive, another negative of its row or a doc rejected for its query (``rejected``: query
+    -> canonical forbidden ids) is dropped and counted."""
     stats: Counter = Counter()
     rows, neg_cols = [], {"neg_ids": [], "neg_scores": [], "neg_ranks": []}
+    rejected = rejected or {}
     for r in mined.iter_rows(named=True):
         pos = canon.get(r["pos_id"], r["pos_id"])
         kp = frozenset(remap(known[r["query_id"]], canon))
+        rej = rejected.get(r["query_id"], frozenset())
         keep, seen = [], set()
         for j, n in enumerate(r["neg_ids"]):
             c = canon.get(n, n)
-            if c in kp or c == pos or c in seen:
+            if c in kp or c == pos or c in seen or c in rej:
                 stats["neg_dropped_as_duplicate"] += 1
                 continue
             seen.add(c)
@@ -60,9 +83,10 @@ def shard_table(
     doc_text: dict[str, str],
     query_text: dict[str, str],
     num_negatives: int | None = None,
-) -> tuple[pa.Table, Counter]:
+) -> tuple[pa.Table, Counter, Counter]:
     """Compose batches and lay the rows out in batch order with their texts (SHARD schema);
-    each row keeps ``num_negatives`` (None: all) of its mined negatives and spares."""
+    each row keeps ``num_negatives`` (None: all) of its mined negatives and spares.
+    -> (table, composer statistics, where each row's negatives went: see ``_fate``)."""
     batches, negs, stats = compose(rows, cfg, seed, num_negatives)
     order = [i for b in batches for i in b]
     batch_id = [b for b, rows_b in enumerate(batches) for _ in rows_b]
@@ -71,12 +95,23 @@ def shard_table(
     # The composer keeps a subset of each row's negatives and spares (those not already in the
     # batch); keep the scores and ranks aligned with the ids that remain.
     cols = {"neg_ids": [], "neg_scores": [], "neg_ranks": []}
+    fate: Counter = Counter()
     for k, r in zip(kept, df.select("neg_ids", "neg_scores", "neg_ranks").iter_rows()):
         keep = set(k)
         pick = [j for j, n in enumerate(r[0]) if n in keep]
+        fate.update(_fate(len(r[0]), pick, num_negatives))
         cols["neg_ids"].append([r[0][j] for j in pick])
         cols["neg_scores"].append([r[1][j] for j in pick])
         cols["neg_ranks"].append([r[2][j] for j in pick])
+    placed = set(order)
+    fate["dropped_last"] = sum(
+        len(n) for i, n in enumerate(rows_df["neg_ids"].to_list()) if i not in placed
+    )
+    # What the composer counted while placing rows, replaced by what was kept in the end (its
+    # in-batch count also covered rows that drop_last removed afterwards).
+    stats["neg_dropped_in_batch"] = fate["dropped_in_batch"]
+    stats["neg_spares_used"] = fate.pop("spares_used")
+    stats.pop("rows_short_of_negatives", None)  # counted from the table: see shard_counts
     table = pa.table(
         {
             "batch_id": pa.array(batch_id, pa.int64()),
@@ -94,4 +129,51 @@ def shard_table(
         },
         schema=schema.SHARD,
     )
-    return table, stats
+    return table, stats, fate
+
+
+def _fate(n: int, pick: list[int], want: int | None) -> Counter:
+    """Where a placed row's ``n`` negatives went, given the positions ``pick`` kept in the
+    shards. The composer walks them in order, skipping any already in the batch, until it has
+    ``want``: a skipped one before the last kept, or any skipped when the row is short, was
+    already in the batch; those after the last kept, once the row was full, were not needed."""
+    full = want is not None and len(pick) >= want
+    last = pick[-1] if pick else -1
+    taken = set(pick)
+    skipped = [j for j in range(n) if j not in taken]
+    return Counter(
+        kept=len(pick),
+        spares_used=sum(j >= want for j in pick) if want is not None else 0,
+        dropped_in_batch=sum(not full or j < last for j in skipped),
+        spare_unused=sum(full and j > last for j in skipped),
+    )
+
+
+def shard_counts(table: pa.Table, num_negatives: int) -> dict[str, int]:
+    """Counts read off the shard table itself (what a trainer will see)."""
+    lens = pc.list_value_length(table.column("neg_ids")).to_numpy(zero_copy_only=False)
+    return {
+        "rows": table.num_rows,
+        "negatives": int(lens.sum()),
+        "rows_without_negatives": int((lens == 0).sum()),
+        "rows_short_of_negatives": int((lens < num_negatives).sum()),
+    }
+
+
+def shard_funnel(mined_funnel: dict, dropped_as_duplicate: int, fate: dict) -> dict[str, int]:
+    """The mining funnel carried on to what the shards hold: every candidate ends in one
+    reason, and ``kept`` is the negatives in the shards, so candidates = the sum of the rest.
+
+    Mining's ``kept`` and ``spare`` (chosen negatives and their backups) are split by stage 5
+    into dropped_as_duplicate (collapsed onto another id of the row by canonical ids),
+    dropped_in_batch (already in the row's batch), spare_unused (backups not needed),
+    dropped_last (rows removed by batch.drop_last) and kept."""
+    out = {k: int(v) for k, v in mined_funnel.items() if k not in ("kept", "spare")}
+    out["dropped_as_duplicate"] = int(dropped_as_duplicate)
+    out.update({k: int(v) for k, v in fate.items()})
+    return dict(sorted(out.items()))
+
+
+def funnel_balance(funnel: dict) -> int:
+    """candidates minus every other bucket: 0 when the funnel reconciles."""
+    return funnel.get("candidates", 0) - sum(v for k, v in funnel.items() if k != "candidates")

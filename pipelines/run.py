@@ -18,7 +18,15 @@ import polars as pl
 
 from curate import ceiling, dedup, embed, fncheck, index, mine, shards
 from curate.config import Config, DataConfig
-from curate.curation import build_rows, query_topics, shard_table
+from curate.curation import (
+    build_rows,
+    canonical_forbidden,
+    funnel_balance,
+    query_topics,
+    shard_counts,
+    shard_funnel,
+    shard_table,
+)
 from curate.evaluate import evaluate
 from curate.read import Dataset, read_dataset
 from curate.text import content_hash
@@ -254,17 +262,26 @@ def curate_stage(cfg, out, canon, dedup_info, corpus, ds, mined, forbidden, funn
     mined_df = pl.from_arrow(mined)
     train_q = mined_df["query_id"].unique(maintain_order=True).to_list()
     topic_of = query_topics(train_q, q_vecs[[q_row[q] for q in train_q]], cfg.batch, cfg.seed)
-    rows_df, rows, stats = build_rows(mined_df, known, canon, topic_of)
+    # Under canonical ids, as the shards: the mask then catches a rejected doc's twin too.
+    forbidden = canonical_forbidden(forbidden, canon)
+    rejected: dict[str, set[str]] = {}
+    for q, d in zip(forbidden.column("query_id").to_pylist(), forbidden.column("doc_id").to_pylist()):
+        rejected.setdefault(q, set()).add(d)
+    rows_df, rows, stats = build_rows(mined_df, known, canon, topic_of, rejected)
     doc_text = dict(zip(corpus["doc_id"].to_list(), texts))
     query_text = dict(zip(ds.queries["query_id"].to_list(), ds.queries["text"].to_list()))
-    table, batch_stats = shard_table(
+    table, batch_stats, fate = shard_table(
         rows_df, rows, cfg.batch, cfg.seed, doc_text, query_text, cfg.mine.num_negatives
     )
     shard_dir = out / "shards"
     files = shards.write_shards(table, shard_dir, cfg.batch.batches_per_shard)
     # Beside the shard folder, not in it: the folder must load as one table (datasets, polars).
     forbidden_path = out / "forbidden.parquet"
-    shards.write_table(forbidden_path, forbidden.sort_by([("query_id", "ascending"), ("doc_id", "ascending")]))
+    shards.write_table(forbidden_path, forbidden)
+    # Every count from what was written: the funnel runs on to the negatives in the shards.
+    shard_funnel_ = shard_funnel(funnel, stats["neg_dropped_as_duplicate"], fate)
+    if funnel_balance(shard_funnel_):
+        log.warning("funnel off by %d candidates: %s", funnel_balance(shard_funnel_), shard_funnel_)
     manifest = {
         "format": "curate-shards/1",
         "seed": cfg.seed,
@@ -280,8 +297,10 @@ def curate_stage(cfg, out, canon, dedup_info, corpus, ds, mined, forbidden, funn
             **ds.stats,
             **stats,
             **batch_stats,
+            **shard_counts(table, cfg.mine.num_negatives),
         },
-        "funnel": dict(sorted(funnel.items())),
+        "funnel": shard_funnel_,
+        "mining_funnel": dict(sorted(funnel.items())),  # as mined, before stage 5
         "dedup": dedup_info,
         "files": files,
         "forbidden": {"path": "../forbidden.parquet", "sha256": shards.sha256(forbidden_path)},
