@@ -179,6 +179,12 @@ class TrainConfig:
     # false: ablation without the false-negative mask (known positives and forbidden pairs stay in
     # the denominator); only repeats of a column are still masked.
     mask: bool = True
+    # auto: CUDA when torch sees it (bf16 autocast; fp16 with a grad scaler where bf16 is
+    # unsupported), else CPU fp32; cuda without a CUDA device is an error at the start of training.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Data-parallel processes, each taking a slice of every batch (on CUDA one GPU each); >1
+    # launches them itself. Under torchrun the world size comes from torchrun instead.
+    processes: int = field(default=1, metadata=_range(1, 1024))
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 import train.train as trainer
-from curate import schema
+from curate import schema, shards
 from curate.config import EmbedConfig, TrainConfig
+from curate.errors import ConfigError
 from curate.shards import write_json, write_shards
 
 
@@ -37,7 +38,10 @@ def _shards(root: Path, n_batches: int = 4, rows: int = 3) -> Path:
     forbidden = pa.table({"query_id": ["q0"], "doc_id": ["n1a"], "reason": ["above_ceiling"],
                           "score": pa.array([0.9], pa.float32())})  # fmt: skip
     pa.parquet.write_table(forbidden, root / "forbidden.parquet")
-    write_json(shard_dir / "manifest.json", {"files": files, "forbidden": {"path": "../forbidden.parquet"}})
+    manifest = {"files": files, "forbidden": {"path": "../forbidden.parquet"}}
+    # Wherever this curate keeps a shard folder's manifest (beside the folder since the move).
+    where = getattr(shards, "manifest_path", lambda d: d / shards.MANIFEST)
+    write_json(where(shard_dir), manifest)
     return shard_dir
 
 
@@ -112,3 +116,49 @@ def test_variants_train_and_change_weights(tmp_path, tiny_model, kw):
     unmasked = [r for r in log if r["masked_fraction"] == 0]
     assert len(unmasked) == 3
     assert all(abs(r["mi_bound"] - (math.log(9) - r["loss"])) < 1e-3 for r in unmasked)
+
+
+def test_device_cpu_trains_and_cuda_without_cuda_is_a_config_error(tmp_path, tiny_model):
+    shard_dir = _shards(tmp_path)
+    out = trainer.train(shard_dir, tmp_path / "cpu", tiny_model, _cfg(device="cpu"), EmbedConfig())
+    assert (out / "model.safetensors").is_file()
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the error path cannot be reached")
+    with pytest.raises(ConfigError, match="train.device: 'cuda'.*train.device=cpu"):
+        trainer.train(shard_dir, tmp_path / "gpu", tiny_model, _cfg(device="cuda"), EmbedConfig())
+    assert not (tmp_path / "gpu").exists()  # failed before anything was written
+
+
+def test_checkpoint_round_trips_onto_the_parameters_device(tmp_path, tiny_model):
+    from transformers import AutoModel
+
+    def fresh(seed: int):
+        torch.manual_seed(seed)
+        model = AutoModel.from_pretrained(str(tiny_model))
+        temp = trainer.LearnableTemperature(0.07)
+        opt = trainer.make_optimizer(_cfg(learn_temperature=True), list(model.parameters()), temp)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, trainer.lr_lambda(1, 10))
+        return model, opt, sched, temp
+
+    model, opt, sched, temp = fresh(0)
+    for p in model.parameters():  # one real step, so AdamW has moments to save
+        p.grad = torch.randn_like(p)
+    temp.log_t.grad = torch.tensor(0.5)
+    opt.step()
+    sched.step()
+    torch.manual_seed(42)
+    trainer.save_checkpoint(tmp_path, 1, model, opt, sched, temp)
+    expected_draw = torch.rand(3)
+
+    model2, opt2, sched2, temp2 = fresh(1)
+    torch.manual_seed(7)
+    assert trainer.load_checkpoint(trainer.latest_checkpoint(tmp_path), model2, opt2, sched2, temp2) == 1
+    assert torch.equal(torch.rand(3), expected_draw)  # the RNG resumes where it was saved
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    assert float(temp2().detach()) == float(temp().detach())
+    assert sched2.state_dict() == sched.state_dict()
+    device = next(model2.parameters()).device
+    moments = [t for s in opt2.state.values() for t in s.values() if t.dim() > 0]
+    assert moments and all(t.device == device for t in moments)
+    for s1, s2 in zip(opt.state.values(), opt2.state.values()):
+        assert all(torch.equal(s1[k], s2[k]) for k in s1)

@@ -14,7 +14,9 @@ so the loss's coupling and the encoder's graph can be split:
 
 Step 3 must reproduce step 1 exactly, dropout included, so the RNG state is recorded before each
 chunk in step 1 and restored for that chunk in step 3 (inside fork_rng, so the caller's RNG stream
-ends where a single pass would leave it).
+ends where a single pass would leave it). On CUDA that is the generator of the current device,
+the one the encoder runs on (each data-parallel rank sets its own), once CUDA is in use: touching
+every visible GPU would open a context on each of them from every rank.
 """
 
 from __future__ import annotations
@@ -34,21 +36,24 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 @dataclass(frozen=True)
 class _RngState:
     cpu: Tensor
-    cuda: list[Tensor] | None
+    cuda: Tensor | None  # the current device's generator
+    device: int | None
 
 
 def _capture_rng() -> _RngState:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return _RngState(torch.get_rng_state(), cuda)
+    if not torch.cuda.is_initialized():
+        return _RngState(torch.get_rng_state(), None, None)
+    device = torch.cuda.current_device()
+    return _RngState(torch.get_rng_state(), torch.cuda.get_rng_state(device), device)
 
 
 @contextmanager
 def _restored_rng(state: _RngState) -> Iterator[None]:
-    devices = list(range(torch.cuda.device_count())) if state.cuda is not None else []
+    devices = [state.device] if state.device is not None else []
     with torch.random.fork_rng(devices=devices):
         torch.set_rng_state(state.cpu)
         if state.cuda is not None:
-            torch.cuda.set_rng_state_all(state.cuda)
+            torch.cuda.set_rng_state(state.cuda, state.device)
         yield
 
 
@@ -86,7 +91,8 @@ def gradcache_backward(
     """Accumulate the gradients of loss_fn(encode_q(q_inputs), encode_d(d_inputs)) chunk by chunk.
 
     Same result as ``plain_backward`` up to float error; returns the detached loss. chunk_size == 0
-    falls back to ``plain_backward``. Under DDP, wrap all but the last replayed chunk in no_sync().
+    falls back to ``plain_backward``. Data-parallel ranks all-reduce the gradient after it
+    (``train/parallel.py``); a DDP-wrapped encoder would need all but the last replay in no_sync().
     """
     if chunk_size < 0:
         raise ValueError(f"chunk_size must be >= 0 (0 = no chunking), got {chunk_size}")

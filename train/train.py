@@ -9,6 +9,10 @@ bounded by the loss, not by activation memory.
 
 Checkpoints hold model, optimizer, scheduler, step and RNG states; a rerun resumes from the last
 one and continues with exactly the batch that would have come next.
+
+Device and data-parallel ranks (``train.device``, ``train.processes`` or torchrun): every rank
+reads the whole batch, embeds its slice of the rows and computes the loss over the all-gathered
+global batch; ``train/parallel.py`` says how, and why the gradient sum is exact.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -28,6 +34,7 @@ from curate.config import EmbedConfig, TrainConfig
 from curate.embed import pool, pretrained
 from curate.progress import track
 from curate.shards import iter_batches, read_manifest
+from train import parallel
 from train.gradcache import gradcache_backward, plain_backward
 from train.loss import (
     LearnableTemperature,
@@ -106,10 +113,14 @@ def teacher_scores(rows: pl.DataFrame, width: int) -> torch.Tensor:
 # --- model --------------------------------------------------------------------------------
 
 
-def encoder(model, pooling: str = "mean"):
+def encoder(model, pooling: str = "mean", device=None, amp: torch.dtype | None = None):
+    """texts' inputs -> [n, D] fp32 unit vectors; the model runs under autocast when ``amp``."""
+
     def encode(inputs: dict) -> torch.Tensor:
-        hidden = model(**inputs).last_hidden_state  # [n, L, D]
-        return pool(hidden, inputs["attention_mask"], pooling)  # [n, D] unit vectors
+        with parallel.autocast(device or torch.device("cpu"), amp):
+            hidden = model(**inputs).last_hidden_state  # [n, L, D], bf16 under autocast
+        # Pool and normalise in fp32: the loss divides cosines by t ~ 0.05, bf16 has 8 bits.
+        return pool(hidden.float(), inputs["attention_mask"], pooling)  # [n, D]
 
     return encode
 
@@ -126,25 +137,65 @@ def lr_lambda(warmup: int, total: int):
 # --- checkpoints --------------------------------------------------------------------------
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, temp) -> None:
-    """Written to a temp folder and renamed, so a crash never leaves a half checkpoint."""
-    final = ckpt_dir / f"step-{step:08d}"
-    tmp = ckpt_dir / f".step-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {
-        "step": step,
-        "model": model.state_dict(),
-        "opt": opt.state_dict(),
-        "sched": sched.state_dict(),
-        "rng": torch.get_rng_state(),
-        "temp": temp.state_dict() if isinstance(temp, torch.nn.Module) else None,
-    }
-    torch.save(state, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(ckpt_dir.glob("step-*"))[:-2]:  # keep the last two
-        shutil.rmtree(old, ignore_errors=True)
+def _rng_state() -> dict:
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def save_checkpoint(
+    ckpt_dir: Path, step: int, model, opt, sched, temp, world=parallel.SINGLE, scaler=None
+) -> None:
+    """Written to a temp folder and renamed, so a crash never leaves a half checkpoint. Every
+    rank calls it (its RNG state is gathered); rank 0 writes, the others wait until it is done."""
+    rngs = parallel.gather_objects(_rng_state(), world)
+    if world.main:
+        final = ckpt_dir / f"step-{step:08d}"
+        tmp = ckpt_dir / f".step-{step:08d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = {
+            "step": step,
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "rng": rngs[0]["cpu"],
+            "rngs": rngs,  # one per rank: each resumes its own dropout stream
+            "temp": temp.state_dict() if isinstance(temp, torch.nn.Module) else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+        }
+        torch.save(state, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(ckpt_dir.glob("step-*"))[:-2]:  # keep the last two
+            shutil.rmtree(old, ignore_errors=True)
+    parallel.barrier(world)
+
+
+def load_checkpoint(
+    ckpt: Path, model, opt, sched, temp, world=parallel.SINGLE, scaler=None
+) -> int:
+    """Restore a checkpoint saved on any device into objects on this one -> its step.
+
+    Read onto the CPU (map_location): the RNG states must be CPU tensors, and load_state_dict
+    copies weights and optimizer moments onto the parameters' device, GPU or not."""
+    # Tensors, numbers, lists and dicts only: the restricted unpickler runs no code.
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    rngs = state.get("rngs") or [{"cpu": state["rng"], "cuda": None}]
+    if len(rngs) == world.size:
+        torch.set_rng_state(rngs[world.rank]["cpu"])
+        if rngs[world.rank]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rngs[world.rank]["cuda"])
+    else:  # weights and batch order still resume exactly; dropout masks cannot
+        log.warning("%s was saved by %d processes, resuming with %d: RNG streams restart",
+                    ckpt.name, len(rngs), world.size)  # fmt: skip
+    if state["temp"] is not None:
+        temp.load_state_dict(state["temp"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return state["step"]
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -193,61 +244,60 @@ def train(
     embed_cfg: EmbedConfig,
     seed: int = 0,
 ) -> Path:
-    from transformers import AutoModel, AutoTokenizer
-
-    torch.manual_seed(seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    world = parallel.world_from_env()
+    if cfg.processes > 1 and world.size == 1:  # launch the ranks; each re-enters here
+        parallel.spawn(train, cfg.processes, (shard_dir, out_dir, model_path, cfg, embed_cfg, seed))
+        return Path(out_dir) / "final"
+    device = parallel.resolve_device(cfg.device, world)
+    parallel.init(world, device)
+    amp = parallel.autocast_dtype(device)
+    scaler = parallel.grad_scaler(amp)
+    if world.main:
+        log.info("train on %s (%s), %d process(es)", device, amp or torch.float32, world.size)
+    torch.manual_seed(seed + world.rank)  # each rank draws its own dropout masks
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     out_dir, shard_dir = Path(out_dir), Path(shard_dir)
     ckpt_dir = out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = pretrained(AutoTokenizer, model_path, embed_cfg.trust_remote_code)
-    model = pretrained(AutoModel, model_path, embed_cfg.trust_remote_code)
-    model.train()
+    model, tokenizer = load_model(model_path, embed_cfg, device, world)
     n_batches = sum(f["batches"] for f in read_manifest(shard_dir)["files"])
     total = min(cfg.max_steps or math.inf, cfg.epochs * n_batches)
     forbidden = load_forbidden(shard_dir)
 
     temp = LearnableTemperature(cfg.temperature) if cfg.learn_temperature else cfg.temperature
+    if cfg.learn_temperature:
+        temp.to(device)
     params = list(model.parameters())
-    groups = [{"params": params, "weight_decay": cfg.weight_decay}]
-    if cfg.learn_temperature:  # no decay on log t: decay would pull t towards 1
-        groups.append({"params": list(temp.parameters()), "weight_decay": 0.0})
-    # Fused AdamW: one kernel over all tensors, 11x faster than the per-tensor loop on this CPU
-    # (1.6 s -> 0.15 s a step for MiniLM's 22M weights: 14% of a batch-16 step; docs/training.md).
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
+    opt = make_optimizer(cfg, params, temp)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, int(total)))
 
     step = 0
     if (ckpt := latest_checkpoint(ckpt_dir)) is not None:
-        # Tensors, numbers, lists and dicts only: the restricted unpickler runs no code.
-        state = torch.load(ckpt / "state.pt", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        torch.set_rng_state(state["rng"])
-        if state["temp"] is not None:
-            temp.load_state_dict(state["temp"])
-        step = state["step"]
+        step = load_checkpoint(ckpt, model, opt, sched, temp, world, scaler)
         log.info("resumed from %s at step %d", ckpt.name, step)
 
-    tok = lambda texts: tokenizer(  # noqa: E731
-        texts, padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt"
-    )
-    encode = encoder(model)
-    backward = gradcache_backward if cfg.chunk_size else plain_backward
+    stepper = Stepper(cfg, encoder(model, device=device, amp=amp), tokenizer, temp, world,
+                      device, forbidden, scaler)  # fmt: skip
     log_path = out_dir / "train_log.jsonl"
-    bar = track(range(step, int(total)), total=int(total), desc="train")
+    steps = range(step, int(total))
+    bar = track(steps, total=int(total), desc="train") if world.main else steps
     batches = _batch_stream(shard_dir, step, n_batches)
     for step in bar:
         rows = pl.from_arrow(next(batches))
         t0 = time.perf_counter()
-        queries, docs, col_ids, known, rejected = batch_columns(rows, forbidden)
-        mask, positives = batch_masks(cfg, col_ids, known, rejected)  # [B, C]
-        loss_fn = make_loss(cfg, temp, mask, positives, rows)
-        loss = backward(encode, encode, tok(queries), tok(docs), loss_fn, cfg.chunk_size)
+        loss, mask, n_cols = stepper.backward(rows, step % n_batches)
+        parallel.all_reduce_grads(params, world)  # sum over ranks = the whole batch's gradient
+        if cfg.learn_temperature:  # every rank computed the full dL/dt: identical, keep one
+            parallel.all_reduce_grads(list(temp.parameters()), world, average=True)
+        if scaler is not None:
+            scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         if cfg.learn_temperature:
@@ -256,29 +306,100 @@ def train(
         rec = {
             "step": step + 1,
             "loss": round(float(loss), 5),
-            "mi_bound": round(mi_lower_bound(loss, mean_candidates(mask, len(docs))), 5),
+            "mi_bound": round(mi_lower_bound(loss, mean_candidates(mask, n_cols)), 5),
             "temperature": round(float(temp().detach() if callable(temp) else temp), 5),
             "masked_fraction": round(masked_fraction(mask), 5),
-            "rows": len(queries),
-            "columns": len(docs),
-            "examples_per_s": round(len(queries) / (time.perf_counter() - t0), 2),
+            "rows": rows.height,
+            "columns": n_cols,
+            "examples_per_s": round(rows.height / (time.perf_counter() - t0), 2),
             "lr": sched.get_last_lr()[0],
         }
-        with open(log_path, "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
+        if world.main:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
         if (step + 1) % cfg.checkpoint_every == 0:
-            save_checkpoint(ckpt_dir, step + 1, model, opt, sched, temp)
-    save_checkpoint(ckpt_dir, int(total), model, opt, sched, temp)
+            save_checkpoint(ckpt_dir, step + 1, model, opt, sched, temp, world, scaler)
+    save_checkpoint(ckpt_dir, int(total), model, opt, sched, temp, world, scaler)
     final = out_dir / "final"
     model.eval()
-    save_model(model, Path(model_path), final)
+    if world.main:
+        save_model(model, Path(model_path), final)
+    parallel.barrier(world)
     return final
 
 
-def make_loss(cfg: TrainConfig, temp, mask, positives, rows: pl.DataFrame):
+def load_model(model_path: Path, embed_cfg: EmbedConfig, device, world):
+    """(model on ``device`` in train mode, tokenizer); under several ranks rank 0's weights."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = pretrained(AutoTokenizer, model_path, embed_cfg.trust_remote_code)
+    model = pretrained(AutoModel, model_path, embed_cfg.trust_remote_code).to(device)
+    parallel.broadcast_params(model, world)
+    model.train()
+    return model, tokenizer
+
+
+def make_optimizer(cfg: TrainConfig, params: list, temp) -> torch.optim.AdamW:
+    groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+    if cfg.learn_temperature:  # no decay on log t: decay would pull t towards 1
+        groups.append({"params": list(temp.parameters()), "weight_decay": 0.0})
+    # Fused AdamW: one kernel over all tensors, 11x faster than the per-tensor loop on this CPU
+    # (1.6 s -> 0.15 s a step for MiniLM's 22M weights: 14% of a batch-16 step; docs/training.md),
+    # and the usual choice on CUDA.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
+
+
+@dataclass
+class Stepper:
+    """One batch's forward and backward on this rank: loss over the global batch, gradient
+    for this rank's rows (``parallel.all_reduce_grads`` sums the ranks' parts)."""
+
+    cfg: TrainConfig
+    encode: Callable
+    tokenizer: object
+    temp: object
+    world: parallel.World
+    device: torch.device
+    forbidden: dict
+    scaler: object = None
+
+    def tok(self, texts: list[str]) -> dict:
+        inputs = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.cfg.max_length,
+            return_tensors="pt",
+        )  # fmt: skip
+        return {k: v.to(self.device) for k, v in inputs.items()}
+
+    def backward(self, rows: pl.DataFrame, batch: int | None = None):
+        """-> (detached loss, global mask [B, C], C); grads accumulated into the parameters."""
+        _, docs, col_ids, known, rejected = batch_columns(rows, self.forbidden)
+        mask, positives = batch_masks(self.cfg, col_ids, known, rejected)  # [B, C]
+        loss_fn = make_loss(self.cfg, self.temp, mask, positives, rows, self.device)
+        my_q, my_d, sizes = parallel.local_texts(rows, self.world, batch)
+        scale = self.scaler.scale if self.scaler is not None else (lambda x: x)
+
+        def global_loss(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+            # q [b, D], d [b + n, D] (this rank) -> [B, D], [C, D] (the batch)
+            return scale(loss_fn(*parallel.gather_columns(q, d, sizes, self.world)))
+
+        backward = gradcache_backward if self.cfg.chunk_size else plain_backward
+        loss = backward(self.encode, self.encode, self.tok(my_q), self.tok(my_d), global_loss,
+                        self.cfg.chunk_size)  # fmt: skip
+        if self.scaler is not None:
+            loss = loss / self.scaler.get_scale()
+        return loss, mask, len(docs)
+
+
+def make_loss(cfg: TrainConfig, temp, mask, positives, rows: pl.DataFrame, device=None):
     """The batch's loss as a function of the embeddings q [B, D], d [C, D] (what GradCache needs)."""
     index, valid = own_columns(rows) if cfg.distill != "none" else (None, None)
     teacher = teacher_scores(rows, index.shape[1]) if index is not None else None
+    if device is not None:  # masks and teacher scores beside the embeddings
+        mask = mask.to(device)
+        positives = positives.to(device) if positives is not None else None
+        if index is not None:
+            index, valid, teacher = index.to(device), valid.to(device), teacher.to(device)
 
     def loss_fn(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         t = temp() if callable(temp) else temp
