@@ -77,11 +77,12 @@ def evaluate(config: ConfigLike = None, overrides: Sequence[str] = (), quiet: bo
 
 def validate(config: ConfigLike = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """``curate validate``: check the config, the model folders and the dataset; run nothing.
-    -> {"config": Config, "model": resolved model folder, "stats": what the reader found}."""
+    -> {"config": Config, "model": resolved model folder, "stats": what the reader found,
+    "effective": the settings the run will decide for itself (pipelines.run.planned_settings)}."""
     from curate import embed as embed_mod
     from curate import fncheck
     from curate.read import read_dataset
-    from pipelines.run import resolve_data, train_pairs
+    from pipelines.run import planned_settings, resolve_data, train_pairs
 
     cfg = as_config(config, overrides)
     model = embed_mod.resolve_model(cfg.embed.model)
@@ -89,7 +90,7 @@ def validate(config: ConfigLike = None, overrides: Sequence[str] = ()) -> dict[s
     ds = read_dataset(resolve_data(cfg))
     pairs = train_pairs(ds, cfg)
     stats = {**ds.stats, "train_pairs": pairs.height, "train_queries": pairs["query_id"].n_unique()}
-    return {"config": cfg, "model": model, "stats": stats}
+    return {"config": cfg, "model": model, "stats": stats, "effective": planned_settings(cfg)}
 
 
 def write_report(out: str | Path, path: str | Path | None = None) -> Path:

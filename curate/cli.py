@@ -173,6 +173,11 @@ def cmd_validate(args) -> int:
     )
     print(f"  batch: batch_size {cfg.batch.batch_size}, same_topic {cfg.batch.same_topic}")
     print(f"  train: {'on' if cfg.train.enabled else 'off'}; eval split: {cfg.data.eval_split}")
+    if found["effective"]:  # the manifest's "effective" will record the values used
+        print("  decided at run time:")
+    for e in found["effective"]:
+        configured = "null" if e["configured"] is None else e["configured"]
+        print(f"    {e['key']}: {e['decided']}; configured {configured}")
     print(f"data ok: {cfg.data.path}")
     for key, val in _flat(found["stats"]):
         print(f"  {key}: {val}")

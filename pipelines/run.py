@@ -166,6 +166,7 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
                 cfg, mined, forbidden, funnel, known, query_text, dict(zip(doc_ids, texts))
             )
             checks["index_recall"] = index_recall
+            checks["effective"] = effective_settings(cfg, mcfg, nprobe, cal, index_recall)
             if cal is not None:
                 checks["ceiling_calibration"] = dataclasses.asdict(cal)
         if done("mine"):
@@ -173,7 +174,8 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
         with _timed(timings, "curate"):
             canon, dedup_info = canonical_map(cfg, corpus, doc_ids, doc_vecs, texts)
             manifest = curate_stage(cfg, out, canon, dedup_info, corpus, ds, mined, forbidden, funnel, known, q_row, q_vecs, texts, checks)
-        result = {"output_dir": str(out), "shards": str(out / "shards"), "manifest": manifest}
+        result = {"output_dir": str(out), "shards": str(out / "shards"), "manifest": manifest,
+                  "effective": manifest["effective"]}
         if done("batch"):
             return partial("batch", **result)
         if cfg.train.enabled:
@@ -211,6 +213,47 @@ def calibrate_ceiling(cfg: Config, work: Path, index_fp: str, pairs: pl.DataFram
                                 cfg.mine.calibrate_ceiling, cfg.seed)
         shards.write_json(path, dataclasses.asdict(cal))
     return dataclasses.replace(cfg.mine, max_relative=cal.max_relative), cal
+
+
+def effective_settings(cfg: Config, mcfg, nprobe: int, cal, index_recall: dict) -> list[dict]:
+    """The settings the run decided for itself, each with the configured value, the one used
+    and why (``config`` in the manifest keeps what was asked for); [] when none changed."""
+    out = []
+    if cal is not None and mcfg.max_relative != cfg.mine.max_relative:
+        out.append({
+            "key": "mine.max_relative", "configured": cfg.mine.max_relative,
+            "used": mcfg.max_relative,
+            "why": f"mine.calibrate_ceiling={cfg.mine.calibrate_ceiling}: the loosest ceiling whose "
+                   f"leave-one-out false-negative rate meets the target ({cal.held_out} known "
+                   f"positives of {cal.queries} queries hidden in turn; ceiling_calibration)",
+        })  # fmt: skip
+    if nprobe != cfg.index.nprobe:
+        tries = index_recall.get("attempts", [])
+        why = (
+            f"recall guard (index.recall_action=raise_nprobe): recall@{index_recall.get('k')} "
+            f"{tries[0]['recall']} at nprobe {tries[0]['nprobe']} < index.recall_floor="
+            f"{index_recall.get('floor')}; {index_recall.get('recall')} at {nprobe} (index_recall)"
+            if len(tries) > 1
+            else "HNSW searches with max(efSearch, nprobe) (index_recall)"
+        )
+        out.append({"key": "index.nprobe", "configured": cfg.index.nprobe, "used": nprobe, "why": why})
+    return out
+
+
+def planned_settings(cfg: Config) -> list[dict]:
+    """What ``effective_settings`` may change, as ``curate validate`` can tell before any work:
+    -> [{"key", "configured", "decided"}]."""
+    out = []
+    if cfg.mine.calibrate_ceiling is not None:
+        out.append({"key": "mine.max_relative", "configured": cfg.mine.max_relative,
+                    "decided": f"calibrated at run time (target {cfg.mine.calibrate_ceiling})"})
+    if cfg.index.recall_action == "raise_nprobe" and cfg.index.factory != "Flat":
+        out.append({
+            "key": "index.nprobe", "configured": cfg.index.nprobe,
+            "decided": f"raised at run time while recall@{cfg.mine.top_k} < "
+                       f"{cfg.index.recall_floor} (approximate indexes only; index.recall_action)",
+        })  # fmt: skip
+    return out
 
 
 def build_index_files(workers: Workers, work: Path, corpus: pl.DataFrame, doc_ids: list[str], doc_vecs: np.ndarray,
@@ -304,10 +347,11 @@ def curate_stage(cfg, out, canon, dedup_info, corpus, ds, mined, forbidden, funn
         "dedup": dedup_info,
         "files": files,
         "forbidden": {"path": "../forbidden.parquet", "sha256": shards.sha256(forbidden_path)},
-        **(extra or {}),  # fncheck, score_source, mining_quality, index_recall
+        "effective": [],  # settings decided at run time (effective_settings), from ``extra``
+        **(extra or {}),  # fncheck, score_source, mining_quality, index_recall, effective
     }
     shards.write_json(shard_dir / shards.MANIFEST, manifest)  # last: marks the shards complete
-    return {k: manifest[k] for k in ("counts", "funnel", *(extra or {}))}
+    return {k: manifest[k] for k in ("counts", "funnel", "effective", *(extra or {}))}
 
 
 def train_stage(cfg: Config, out: Path, model_path: Path) -> Path:
