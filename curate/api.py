@@ -80,12 +80,13 @@ def validate(config: ConfigLike = None, overrides: Sequence[str] = ()) -> dict[s
     -> {"config": Config, "model": resolved model folder, "stats": what the reader found,
     "effective": the settings the run will decide for itself (pipelines.run.planned_settings)}."""
     from curate import embed as embed_mod
-    from curate import fncheck
+    from curate import fncheck, outdir
     from curate.read import read_dataset
     from pipelines.run import planned_settings, resolve_data, train_pairs
 
     cfg = as_config(config, overrides)
-    model = embed_mod.resolve_model(cfg.embed.model)
+    outdir.check(Path(cfg.output_dir), cfg.overwrite)  # `run` would refuse it: say so here
+    model = embed_mod.check_model(cfg.embed)  # remote code too, not only config.json
     fncheck.resolve_scorers(cfg)
     ds = read_dataset(resolve_data(cfg))
     pairs = train_pairs(ds, cfg)

@@ -60,6 +60,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--output", help="shortcut for --set output_dir=DIR (default: the config's)")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an output folder that is neither empty nor a curate run, replacing "
+        "files of the names curate writes (= --set overwrite=true; default: such a folder is refused)",
+    )
+    p.add_argument(
         "--scheduler",
         help="address of a Dask scheduler to join (default: the config's; none starts a LocalCluster)",
     )
@@ -84,6 +90,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     ):
         if val:
             sets.append(f"{key}={val}")
+    if args.overwrite:
+        sets.append("overwrite=true")
     return sets
 
 

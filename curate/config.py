@@ -235,6 +235,9 @@ class TeacherConfig:
 @dataclass(frozen=True)
 class Config:
     output_dir: str = "runs/demo"
+    # Write into an output_dir that is neither empty nor a curate run (curate.outdir): files of
+    # the names curate writes are replaced; off, such a folder is refused before any work.
+    overwrite: bool = False
     cache_dir: str | None = None  # embeddings cache; None: <output_dir>/cache
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)

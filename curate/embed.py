@@ -67,11 +67,47 @@ def pretrained(auto_cls, path: Path, trust_remote_code: bool = False):
     except ValueError as err:
         if trust_remote_code or "trust_remote_code" not in str(err):
             raise
-        raise ConfigError(
-            f"embed.model: {path} needs its own Python code to load ({auto_cls.__name__}); curate "
-            "runs no code from model folders unless embed.trust_remote_code: true. Set it only for "
-            "a model whose code you have read, or use a model transformers supports natively"
-        ) from None
+        raise _remote_code_error(path, auto_cls.__name__) from None
+
+
+def _remote_code_error(path: Path, what: str) -> ConfigError:
+    return ConfigError(
+        f"embed.model: {path} needs its own Python code to load ({what}); curate runs no code "
+        "from model folders unless embed.trust_remote_code: true. Set it only for a model whose "
+        "code you have read, or use a model transformers supports natively"
+    )
+
+
+def check_model(cfg: EmbedConfig) -> Path:
+    """The model folder, checked before any work: a folder whose config maps Auto classes to its
+    own code (``auto_map``) fails here, not in a worker after the cluster started, unless
+    ``embed.trust_remote_code`` is set. Reads JSON only; runs nothing."""
+    path = resolve_model(cfg.model)
+    if not cfg.trust_remote_code and (file := _custom_code_config(path)):
+        raise _remote_code_error(path, f"{file} maps it to code in the folder: auto_map")
+    return path
+
+
+def _custom_code_config(path: Path) -> str | None:
+    """The config file whose ``auto_map`` names code in the folder for a class transformers does
+    not have itself (a known model_type or tokenizer_class loads natively, ignoring auto_map)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    def read(name: str) -> dict:
+        try:
+            obj = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # absent or unreadable: transformers names it on load
+            return {}
+        return obj if isinstance(obj, dict) else {}
+
+    config, tok = read("config.json"), read("tokenizer_config.json")
+    if config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING_NAMES:
+        return "config.json"
+    tok_class = str(tok.get("tokenizer_class") or "")
+    if tok.get("auto_map") and not (tok_class and hasattr(transformers, tok_class)):
+        return "tokenizer_config.json"
+    return None
 
 
 def pick_device(pref: str = "auto") -> str:

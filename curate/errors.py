@@ -35,6 +35,10 @@ class ConfigError(CurateError):
         return type(self), (str(self), self.keys, self.where, self.detail)
 
 
+class OutputDirError(ConfigError):
+    """An output folder curate must not write into: not empty and not a curate run."""
+
+
 class StageMismatchError(CurateError):
     """Artifacts of two stages that do not belong together (other model, other dimension)."""
 

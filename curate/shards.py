@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate import faults, schema
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 PARQUET_OPTS = dict(compression="zstd", compression_level=3, write_statistics=False)
@@ -47,17 +50,46 @@ def write_table(path: Path, table: pa.Table) -> None:
     os.replace(tmp, path)
 
 
+def _ledger(shard_dir: Path) -> Path:
+    """Beside the shard folder (which holds nothing but Parquet): the shard files curate is
+    writing or wrote there, recorded before it writes them."""
+    return shard_dir.parent / f".{shard_dir.name}-written.json"
+
+
+def written_here(shard_dir: Path) -> list[str]:
+    """The shard files curate wrote in ``shard_dir``: its record, and those a curate manifest
+    lists (older runs kept no record). Only these are ever deleted: never another program's."""
+    ledger, names = _ledger(shard_dir), set()
+    for path in (ledger, shard_dir / MANIFEST, shard_dir.parent / MANIFEST):
+        try:
+            record = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:
+            continue
+        if path == ledger or str(record.get("format", "")).startswith("curate-shards"):
+            names |= {r["path"] if isinstance(r, dict) else r for r in record.get("files", [])}
+    ours = sorted(n for n in names if isinstance(n, str) and Path(n).name == n
+                  and n.startswith("shard-") and n.endswith(".parquet"))  # fmt: skip
+    if others := sorted(set(p.name for p in shard_dir.glob("shard-*.parquet")) - set(ours)):
+        log.warning("%s: %s not written by curate, left in place (the folder then holds more "
+                    "than this run's shards)", shard_dir, ", ".join(others[:5]))  # fmt: skip
+    return ours
+
+
 def write_shards(table: pa.Table, out_dir: Path, batches_per_shard: int) -> list[dict]:
     """``table`` (SHARD schema) sorted by batch_id -> shard files; returns their file records."""
     schema.check(table, schema.SHARD, "shards")
     out_dir.mkdir(parents=True, exist_ok=True)
+    stale = written_here(out_dir)  # read before the manifest that lists them goes
     # The manifest goes first: a crash below must not leave an old manifest over new shards.
     (out_dir / MANIFEST).unlink(missing_ok=True)
-    for stale in out_dir.glob("shard-*.parquet"):
-        stale.unlink()  # a rerun with other settings may write fewer shards
+    for name in stale:  # a rerun with other settings may write fewer shards
+        (out_dir / name).unlink(missing_ok=True)
     batch_ids = table.column("batch_id").to_numpy()
     bounds = [0, *(i for i in range(1, len(batch_ids)) if batch_ids[i] != batch_ids[i - 1])]
     bounds.append(len(batch_ids))
+    n_files = -(-(len(bounds) - 1) // batches_per_shard)
+    names = [f"shard-{s:05d}.parquet" for s in range(n_files)]
+    write_json(_ledger(out_dir), {"files": names})  # before any is written: a crash forgets none
     records = []
     for s, first in enumerate(range(0, len(bounds) - 1, batches_per_shard)):
         last = min(first + batches_per_shard, len(bounds) - 1)

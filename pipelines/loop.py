@@ -15,6 +15,7 @@ import json
 import logging
 from pathlib import Path
 
+from curate import embed, outdir
 from curate.config import Config
 from curate.shards import write_json
 from pipelines.run import resolve_data, run
@@ -27,6 +28,8 @@ METRICS = ("ndcg@10", "recall@100", "mrr@10")
 def loop(cfg: Config, rounds: int, quiet: bool = False) -> list[dict]:
     """-> one row per round (round 0 = the base model) with the held-out metrics."""
     root = Path(cfg.output_dir)
+    outdir.check(root, cfg.overwrite)  # before the demo data or any round is written there
+    embed.check_model(cfg.embed)
     base = dataclasses.replace(
         cfg, data=resolve_data(cfg), cache_dir=cfg.cache_dir or str(root / "cache"),
         train=dataclasses.replace(cfg.train, enabled=True),

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from curate import ceiling, dedup, embed, fncheck, index, mine, shards
+from curate import ceiling, dedup, embed, fncheck, index, mine, outdir, shards
 from curate.config import Config, DataConfig
 from curate.curation import (
     build_rows,
@@ -107,6 +107,8 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
         raise ValueError(f"stop_after={stop_after!r}; choose one of {STAGES}")
     timings: dict[str, float] = {}
     out = Path(cfg.output_dir)
+    outdir.check(out, cfg.overwrite)  # before anything is created: never another program's folder
+    embed.check_model(cfg.embed)  # a model that needs remote code fails here, not in a worker
     arrow_system_allocator()  # before the first Arrow buffer
 
     def done(stage: str) -> bool:
@@ -128,6 +130,7 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
     model_path = embed.resolve_model(cfg.embed.model)  # a bad model folder fails before any write
     model_fp = embed.model_fingerprint(model_path)
     work = out / "work"
+    outdir.claim(out)  # validation passed: mark the folder as curate's
     work.mkdir(parents=True, exist_ok=True)
     texts = doc_texts(corpus)
     with connect(cfg.cluster, quiet, texts=len(corpus) + len(ds.queries)) as workers:

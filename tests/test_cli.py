@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +112,55 @@ def test_python_api_mirrors_the_cli(cranfield):
     assert found["stats"]["docs"] == 1398 and found["stats"]["train_pairs"] > 0
     with pytest.raises(curate.ConfigError, match="did you mean 'num_negatives'"):
         api.as_config(cfg, ["mine.num_negative=5"])
+
+
+def test_set_errors_are_blamed_on_the_set_not_the_file(capsys):
+    assert cli.main(["validate", "configs/demo.yaml", "--set", "batch.batch_size=-4", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --set batch.batch_size=-4: -4 is out of range [2, 65536]"
+
+
+def test_impossible_settings_exit_2_naming_both_keys(capsys, tmp_path):
+    out = tmp_path / "never-written"
+    argv = ["mine", "configs/demo.yaml", "--output", str(out), "-q",
+            "--set", "mine.top_k=5", "--set", "mine.num_negatives=10"]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --set mine.num_negatives=10, --set mine.top_k=5: ")
+    assert "lower mine.num_negatives" in err and "\n" not in err
+    assert not out.exists()
+
+
+@pytest.fixture
+def remote_code_folder(tmp_path, tiny_model) -> Path:
+    """The tiny random BERT as a model transformers does not know, its config.json mapping the
+    Auto classes to the folder's own code (auto_map)."""
+    folder = tmp_path / "remote-model"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom_bert", auto_map={
+        "AutoConfig": "modeling_custom.CustomConfig", "AutoModel": "modeling_custom.CustomModel"})  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modeling_custom.py").write_text("raise SystemExit('this code must never run')\n")
+    return folder
+
+
+def test_validate_catches_a_model_that_needs_remote_code(remote_code_folder, cranfield, capsys):
+    argv = ["validate", "--data", str(cranfield), "--set", "data.empty_text=skip", "-q",
+            "--set", f"embed.model={remote_code_folder}"]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "embed.trust_remote_code: true" in err and "auto_map" in err and "\n" not in err
+    assert cli.main([*argv, "--set", "embed.trust_remote_code=true"]) == 0  # the user's choice
+
+
+def test_run_refuses_remote_code_before_creating_a_folder(remote_code_folder, cranfield, tmp_path,
+                                                          capsys):  # fmt: skip
+    out = tmp_path / "out"
+    argv = ["run", "--data", str(cranfield), "--set", "data.empty_text=skip", "-q",
+            "--output", str(out), "--set", f"embed.model={remote_code_folder}"]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: embed.model:") and "trust_remote_code" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert not out.exists()
