@@ -44,6 +44,7 @@ os.environ.setdefault("CURATE_NO_PROGRESS", "1")
 import numpy as np  # noqa: E402
 import quality_arms as arms  # noqa: E402
 import quality_report as report  # noqa: E402
+from batch_stats import batch_stats  # noqa: E402
 from quality_data import (  # noqa: E402  # noqa: E402
     BASE_MODEL,
     Bench,
@@ -149,6 +150,7 @@ def train_arm(
             "counts": result["manifest"]["counts"],
             "mined_fn": shards_fn(bench, shard_dir, vecs),
             "in_batch_fn": in_batch_fn(bench, arms.curate_batches(shard_dir, cfg.train, s.steps)),
+            "batch_stats": batch_stats(shard_dir, s.steps),  # the batches the trainer took
         }
         return Path(result["model"]), facts
     if arm == "B-curate":
