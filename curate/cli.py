@@ -69,6 +69,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--scheduler",
         help="address of a Dask scheduler to join (default: the config's; none starts a LocalCluster)",
     )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="shortcut for --set train.processes=N: train on N data-parallel processes, one GPU "
+        "each on CUDA (or run the command under torchrun --nproc-per-node N; default: the config's)",
+    )
     _quiet(p)
 
 
@@ -87,6 +94,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         ("data.path", args.data),
         ("output_dir", args.output),
         ("cluster.scheduler", args.scheduler),
+        ("train.processes", args.nproc),
     ):
         if val:
             sets.append(f"{key}={val}")
@@ -143,6 +151,12 @@ def _auto_report(out: str, args: argparse.Namespace) -> None:
 
 def cmd_run(args) -> int:
     cfg = _config(args)
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 runs the stages, the rest train
+        if args.stage in ("train", "eval") and cfg.train.enabled:
+            from train.train import follow_run
+
+            follow_run(cfg)
+        return 0
     result = api.run(cfg, quiet=args.quiet, stop_after=args.stage)
     _print_result(result)
     if "stopped_after" not in result:

@@ -162,3 +162,10 @@ def test_checkpoint_round_trips_onto_the_parameters_device(tmp_path, tiny_model)
     assert moments and all(t.device == device for t in moments)
     for s1, s2 in zip(opt.state.values(), opt2.state.values()):
         assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_nproc_is_train_processes():
+    from curate import cli
+
+    args = cli.build_parser().parse_args(["train", "--nproc", "2", "--set", "train.device=cpu"])
+    assert cli._config(args).train.processes == 2

@@ -26,6 +26,7 @@ import os
 import socket
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 
 import polars as pl
 import torch
@@ -95,12 +96,13 @@ def grad_scaler(dtype: torch.dtype | None):
     return torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
 
-def init(world: World, device: torch.device) -> None:
-    """Join the process group (NCCL between GPUs, gloo on CPU) unless already in one."""
+def init(world: World, device: torch.device, timeout: timedelta | None = None) -> None:
+    """Join the process group (NCCL between GPUs, gloo on CPU) unless already in one;
+    ``timeout`` bounds the wait for the other ranks (torch's default: 30 min)."""
     if world.size == 1 or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=world.rank, world_size=world.size)
+    dist.init_process_group(backend, rank=world.rank, world_size=world.size, timeout=timeout)
     log.info("rank %d of %d joined the %s process group", world.rank, world.size, backend)
 
 

@@ -25,6 +25,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import polars as pl
@@ -431,3 +432,46 @@ def _batch_stream(shard_dir: Path, step: int, n_batches: int):
         for _, table in iter_batches(shard_dir, start):
             yield table
         start = 0
+
+
+# --- entry points under torchrun ------------------------------------------------------------
+
+STAGES_WAIT = timedelta(hours=6)  # how long ranks > 0 of `curate train` wait for rank 0's stages
+
+
+def follow_run(cfg) -> Path:
+    """A torchrun rank other than 0 under ``curate train``/``run``: rank 0 runs the stages before
+    training (and evaluation after), this rank joins it for training only. It waits in the
+    process group's rendezvous, which rank 0 enters once its shards are written."""
+    from curate.embed import resolve_model
+
+    world = parallel.world_from_env()
+    parallel.init(world, parallel.resolve_device(cfg.train.device, world), STAGES_WAIT)
+    out = Path(cfg.output_dir)  # the paths pipelines.run.train_stage trains with
+    return train(out / "shards", out / "model", resolve_model(cfg.embed.model), cfg.train,
+                 cfg.embed, cfg.seed)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``torchrun --nproc-per-node N -m train.train CONFIG [--set KEY=VALUE]``: train on the
+    shards of a run already batched (``curate batch CONFIG``), every rank alike."""
+    import argparse
+
+    from curate import api
+    from curate.embed import resolve_model
+
+    parser = argparse.ArgumentParser(prog="python -m train.train", description=main.__doc__)
+    parser.add_argument("config", nargs="?", help="YAML config of the run (default: built-in)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = api.as_config(args.config, args.set)
+    out = Path(cfg.output_dir)
+    final = train(out / "shards", out / "model", resolve_model(cfg.embed.model), cfg.train,
+                  cfg.embed, cfg.seed)  # fmt: skip
+    if parallel.world_from_env().main:
+        print(f"model:    {final}")
+
+
+if __name__ == "__main__":
+    main()
