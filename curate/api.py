@@ -116,9 +116,11 @@ def export(
     format: str = "sentence-transformers",
     to: str | Path | None = None,
     num_negatives: int | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """``curate export``: the shards of ``run_dir`` in another trainer's format; -> counts."""
     from curate import export as exp
+    from curate import outdir
     from curate.errors import CurateError
     from curate.shards import MANIFEST
 
@@ -126,6 +128,8 @@ def export(
     if not (shard_dir / MANIFEST).is_file():
         raise CurateError(f"{shard_dir}: no {MANIFEST}; run `curate batch` for this run first")
     dest = Path(to) if to else Path(run_dir) / "export" / format
+    if to:  # another program's files there are refused unless overwrite (the default: curate's)
+        outdir.check_export(dest, overwrite)
     if format == "sentence-transformers":
         return {"path": str(dest), **exp.to_sentence_transformers(shard_dir, dest, num_negatives)}
     if format == "flagembedding":

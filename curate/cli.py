@@ -224,7 +224,9 @@ def cmd_loop(args) -> int:
 
 
 def cmd_export(args) -> int:
-    counts = api.export(args.outdir, args.format, args.to, args.num_negatives)
+    counts = api.export(
+        args.outdir, args.format, args.to, args.num_negatives, overwrite=args.overwrite
+    )
     print(f"export:   {counts.pop('path')}  " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
@@ -281,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="target format",
     )
     p.add_argument("--to", metavar="PATH", help="destination (default: OUTDIR/export/FORMAT)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write to a --to PATH that holds other files than a curate export (default: refused)",
+    )
     p.add_argument(
         "--num-negatives",
         type=int,

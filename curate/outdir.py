@@ -75,6 +75,34 @@ def check(folder: Path, overwrite: bool = False, what: str = "output_dir") -> No
     )
 
 
+def _export_counts(path: Path) -> bool:
+    """Is ``path`` the counts file a curate export wrote beside its output?"""
+    return {"format", "num_negatives"} <= _json(path).keys()
+
+
+def check_export(dest: Path, overwrite: bool = False) -> None:
+    """``curate export --to DEST``: a new path, an empty folder, or a previous curate export
+    (its counts file beside it, or its batches.json inside) is written; anything else is refused
+    unless ``overwrite``. Creates nothing."""
+    dest = Path(dest)
+    counts = dest.with_name(f"{dest.stem if dest.suffix == '.jsonl' else dest.name}.json")
+    ours = _export_counts(counts) or "batch_sizes" in _json(dest / "batches.json")
+    if overwrite or ours:
+        return
+    if counts.exists():
+        problem = f"{counts} exists and is not the counts of a curate export"
+    elif dest.is_file():
+        problem = f"{dest} exists and was not written by curate export"
+    elif dest.is_dir() and any(dest.iterdir()):
+        problem = f"{dest} is not empty and holds no curate export"
+    else:
+        return
+    raise OutputDirError(
+        f"--to: {problem}, so the export would replace files there; pick a new path or an empty "
+        "folder, or pass --overwrite to write there anyway"
+    )
+
+
 def claim(folder: Path) -> None:
     """Create ``folder`` if needed and mark it as curate's (once validation has passed)."""
     folder = Path(folder)

@@ -182,3 +182,66 @@ def test_an_older_manifest_inside_the_folder_names_its_files(tmp_path):
     shards.write_shards(_rows(1), shard_dir, 1)
     assert sorted(p.name for p in shard_dir.glob("*.parquet")) == ["shard-00000.parquet"]
     assert (tmp_path / "x").read_text() == "outside"  # a listed path outside the folder: never
+
+
+# --- curate export --to --------------------------------------------------------------------------
+
+
+def test_export_to_a_foreign_folder_or_file_is_refused(tmp_path):
+    theirs = _foreign(tmp_path / "theirs")
+    with pytest.raises(OutputDirError, match=r"^--to: .*theirs is not empty.*--overwrite"):
+        outdir.check_export(theirs)
+    (tmp_path / "train.jsonl").write_text('{"their": "data"}\n')
+    with pytest.raises(OutputDirError, match="train.jsonl exists and was not written"):
+        outdir.check_export(tmp_path / "train.jsonl")
+    (tmp_path / "new.json").write_text("{}")  # where the counts of an export to new/ would go
+    with pytest.raises(OutputDirError, match="new.json exists and is not the counts"):
+        outdir.check_export(tmp_path / "new")
+    outdir.check_export(theirs, overwrite=True)
+    outdir.check_export(tmp_path / "other")  # new paths and empty folders are fine
+    (tmp_path / "empty").mkdir()
+    outdir.check_export(tmp_path / "empty")
+
+
+def test_export_again_to_a_curate_export_is_accepted(tmp_path):
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st" / "train.parquet").write_bytes(b"x")
+    (tmp_path / "st.json").write_text(json.dumps({"format": "sentence-transformers",
+                                                  "num_negatives": 3}))  # fmt: skip
+    outdir.check_export(tmp_path / "st")
+    (tmp_path / "old").mkdir()  # an export from before the counts file: its batches.json
+    (tmp_path / "old" / "batches.json").write_text(json.dumps({"batch_sizes": [2]}))
+    outdir.check_export(tmp_path / "old")
+
+
+@pytest.fixture(scope="module")
+def curate_run(tmp_path_factory, data, tiny_model) -> Path:
+    root = tmp_path_factory.mktemp("run") / "out"
+    one = {"n_workers": None, "workers": "in_process"}
+    run(config_from_dict(pipeline_config(root, data, tiny_model, cluster=one)), stop_after="batch")
+    return root
+
+
+@pytest.mark.parametrize("fmt", ["sentence-transformers", "flagembedding"])
+def test_cli_export_to_a_foreign_folder_exits_2_unless_overwrite(curate_run, tmp_path, fmt, capsys):
+    theirs = _foreign(tmp_path / "theirs")
+    before = _snapshot(tmp_path)
+    argv = ["export", str(curate_run), "--format", fmt, "--to", str(theirs), "-q"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --to:") and "--overwrite" in err and "\n" not in err
+    assert _snapshot(tmp_path) == before
+    assert cli.main([*argv, "--overwrite"]) == 0
+    after = _snapshot(tmp_path)
+    assert all(after[name] == data for name, data in before.items())  # added to, nothing replaced
+    if fmt == "sentence-transformers":  # its batches.json marks a curate export: again, no flag
+        assert cli.main(argv) == 0
+
+
+def test_cli_export_to_a_foreign_file_exits_2(curate_run, tmp_path, capsys):
+    theirs = tmp_path / "train.jsonl"
+    theirs.write_text('{"query": "theirs"}\n')
+    argv = ["export", str(curate_run), "--format", "flagembedding", "--to", str(theirs), "-q"]
+    assert cli.main(argv) == 2
+    assert "train.jsonl exists and was not written by curate export" in capsys.readouterr().err
+    assert theirs.read_text() == '{"query": "theirs"}\n'
