@@ -68,7 +68,8 @@ def check(folder: Path, overwrite: bool = False, what: str = "output_dir") -> No
         return
     shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
     raise OutputDirError(
-        f"{what}: {folder} is not empty ({len(entries)} entries: {shown}) and is not a curate run "
+        f"{what}: {folder} is not empty ({len(entries)} {'entry' if len(entries) == 1 else 'entries'}: "
+        f"{shown}) and is not a curate run "
         f"(no {MARKER}, manifest or curate report.json), so curate would replace files there; "
         "pick an empty or new folder, or pass --overwrite (--set overwrite=true) to write into it "
         "anyway (files of the names curate writes are replaced; nothing else is deleted)"
