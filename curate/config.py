@@ -77,7 +77,9 @@ class EmbedConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    # "auto": Flat below `flat_max` vectors, IVF-PQ above; else any faiss index_factory string.
+    # "auto": Flat below `flat_max` vectors, IVF-PQ above; else any faiss index_factory string;
+    # "torch-exact": flat files searched by matmul in torch (curate/exact.py), on CUDA when torch
+    # sees it (use_gpu), no recall loss and no cap on mine.top_k.
     factory: str = "auto"
     flat_max: int = field(default=1_000_000, metadata=_range(1))
     nprobe: int = field(default=32, metadata=_range(1))

@@ -3,6 +3,11 @@
 Flat (exact) by default; any ``index_factory`` string otherwise, trained on a seeded sample.
 Queries are searched in blocks so memory is bounded by block x k, never queries x docs.
 Sharded search keeps each shard's top-k and merges them to the exact global top-k.
+
+``factory: torch-exact`` builds the same flat files (so the record, the recall guard and the
+shards are unchanged) and searches their vectors with ``curate.exact`` in torch: on CUDA when
+torch sees it, no k cap. A faiss GPU index asked for more than ``GPU_MAX_K`` neighbours searches
+on the CPU instead (``gpu_for_k``), and says so.
 """
 
 from __future__ import annotations
@@ -22,9 +27,14 @@ from curate.errors import ConfigError, StageMismatchError
 log = logging.getLogger(__name__)
 
 
+TORCH_EXACT = "torch-exact"  # index.factory: flat files, searched in torch (curate.exact)
+
+
 def choose_factory(n: int, dim: int, cfg: IndexConfig) -> str:
     """Flat below ``flat_max`` vectors; IVF with ~4 sqrt(N) lists and PQ codes above, re-ranked
-    with ``cfg.refine`` codes."""
+    with ``cfg.refine`` codes. torch-exact stores flat files."""
+    if cfg.factory == TORCH_EXACT:
+        return "Flat"
     if cfg.factory != "auto":
         return cfg.factory
     if n <= cfg.flat_max:
@@ -152,6 +162,34 @@ def to_gpu(index: faiss.Index, nprobe: int, device: int = 0) -> faiss.Index:
         faiss.GpuParameterSpace().set_index_parameter(gpu, "nprobe", nprobe)
     log.info("index moved to GPU %d", device)
     return gpu
+
+
+def gpu_for_k(gpu: bool, k: int, where: str = "") -> bool:
+    """Whether a faiss search of k neighbours may run on the GPU: above faiss-GPU's cap of
+    ``GPU_MAX_K`` it falls back to the CPU copy of the index (exact for flat, the same lists and
+    codes for IVF), logged; index.factory=torch-exact has no cap on the GPU."""
+    if gpu and k > GPU_MAX_K:
+        log.warning("k=%d is above faiss-GPU's %d: searching %s on the CPU (index.factory="
+                    "torch-exact searches flat vectors on the GPU at any k)", k, GPU_MAX_K,
+                    where or "the index")  # fmt: skip
+        return False
+    return gpu
+
+
+def flat_vectors(index: faiss.Index) -> np.ndarray:
+    """The [N, D] float32 vectors a flat index holds (a view of its storage, no copy)."""
+    flat = faiss.downcast_index(index)
+    if not isinstance(flat, faiss.IndexFlat):
+        raise ConfigError(f"index.factory={TORCH_EXACT} searches flat vectors, got {type(flat).__name__}")
+    return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+
+
+def torch_exact(index: faiss.Index, pref: str):
+    """A ``curate.exact.ExactSearch`` over a flat index's vectors, on CUDA unless ``pref`` is
+    never (index.use_gpu) or torch sees no GPU."""
+    from curate.exact import ExactSearch, exact_device
+
+    return ExactSearch(flat_vectors(index), exact_device(pref))
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, block: int = 4096):

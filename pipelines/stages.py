@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 
 from curate import embed, faults, index, mine, schema
 from curate.config import EmbedConfig, IndexConfig, MineConfig
-from curate.errors import ConfigError
 from curate.progress import track
 from curate.shards import write_table
 from curate.text import content_hash
@@ -138,15 +137,19 @@ def guard_index(work_dir: Path, queries: np.ndarray, k: int, icfg: IndexConfig, 
 _INDEXES: dict[tuple, object] = {}
 
 
-def _loaded_index(path: str, nprobe: int, gpu: bool):
+def _loaded_index(path: str, nprobe: int, gpu: bool | str):
     """Index shards held by this worker process, keyed by file version so a rebuilt index is
-    reloaded; on the GPU when ``gpu``."""
+    reloaded; on the GPU when ``gpu``; a ``curate.exact`` search when ``gpu`` is the
+    index.use_gpu setting of a torch-exact run."""
     key = (path, os.stat(path).st_mtime_ns, nprobe, gpu)
     if key not in _INDEXES:
         for old in [k for k in _INDEXES if k[0] == path]:
             del _INDEXES[old]
         loaded = index.load_index(Path(path), nprobe)
-        _INDEXES[key] = index.to_gpu(loaded, nprobe) if gpu else loaded
+        if isinstance(gpu, str):
+            _INDEXES[key] = index.torch_exact(loaded, gpu)
+        else:
+            _INDEXES[key] = index.to_gpu(loaded, nprobe) if gpu else loaded
     return _INDEXES[key]
 
 
@@ -155,10 +158,14 @@ def _search_task(queries: np.ndarray, index_path: str, k: int, icfg: IndexConfig
     import faiss
 
     faiss.omp_set_num_threads(threads)
-    gpu = index.use_gpu(icfg.use_gpu)
-    if gpu and k > index.GPU_MAX_K:
-        raise ConfigError(f"mine.top_k={k}: faiss on GPU returns at most {index.GPU_MAX_K} "
-                          "neighbours; lower mine.top_k or set index.use_gpu=never")
+    if icfg.factory == index.TORCH_EXACT:
+        import torch
+
+        torch.set_num_threads(threads)
+        searcher = _loaded_index(index_path, icfg.nprobe, icfg.use_gpu)
+        index.check_query_dim(searcher, queries, index_path)
+        return searcher.search(queries, k, icfg.query_block)
+    gpu = index.gpu_for_k(index.use_gpu(icfg.use_gpu), k, index_path)
     shard = _loaded_index(index_path, icfg.nprobe, gpu)
     index.check_query_dim(shard, queries, index_path)
     return index.search(shard, queries, k, icfg.query_block)

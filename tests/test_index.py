@@ -132,3 +132,55 @@ def test_ivf_with_all_lists_probed_matches_flat():
 def test_bad_factory_raises_config_error():
     with pytest.raises(ConfigError, match="NotAnIndex"):
         build_index(unit(10, 8, 0), IndexConfig(factory="NotAnIndex"))
+
+
+# --- torch exact search (index.factory: torch-exact) -----------------------------------------
+
+
+def _same_topk(got, want) -> None:
+    """Scores to 1e-5; ids equal except where two scores within float error swap places."""
+    (got_d, got_i), (want_d, want_i) = got, want
+    np.testing.assert_allclose(got_d, want_d, atol=1e-5)
+    swapped = got_i != want_i
+    assert swapped.mean() < 0.01
+    for q, j in zip(*np.nonzero(swapped)):  # a swap: the id sits nearby with the same score
+        near = np.nonzero(want_i[q] == got_i[q, j])[0]
+        assert len(near) == 1 and abs(want_d[q, near[0]] - got_d[q, j]) < 1e-5
+
+
+@pytest.mark.parametrize("k", [1, 10, 700])  # 700 > one corpus tile below: merged across tiles
+def test_torch_exact_equals_faiss_flat(k, monkeypatch):
+    from curate import exact
+
+    monkeypatch.setitem(exact.TILE_BYTES, "cpu", 4 * 7 * 300)  # tiles of 300 docs for 7 queries
+    docs, queries = unit(1000, 24, 4), unit(20, 24, 5)
+    flat = faiss.IndexFlatIP(24)
+    flat.add(docs)
+    want_d, want_i = flat.search(queries, k)
+    got_d, got_i = exact.ExactSearch(docs, "cpu").search(queries, k, query_block=7)
+    assert got_d.dtype == np.float32 and got_i.dtype == np.int64 and got_i.shape == (20, k)
+    _same_topk((got_d, got_i), (want_d, want_i))
+
+
+def test_torch_exact_caps_k_at_corpus_and_searches_a_flat_index_file(tmp_path):
+    from curate import index as idx
+    from pipelines.stages import _search_task
+
+    docs, queries = unit(50, 8, 6), unit(4, 8, 7)
+    cfg = IndexConfig(factory=idx.TORCH_EXACT, use_gpu="never")
+    built = build_index(docs, cfg)
+    assert isinstance(faiss.downcast_index(built), faiss.IndexFlat)  # stored as flat files
+    idx.save_index(built, tmp_path / "index.faiss")
+    got_d, got_i = _search_task(queries, str(tmp_path / "index.faiss"), 80, cfg, 1)
+    want_d, want_i = search(build_index(docs, FLAT), queries, 80)
+    assert got_i.shape == (4, 50)  # k cut to the 50 docs, no cap otherwise
+    _same_topk((got_d, got_i), (want_d, want_i))
+
+
+def test_faiss_gpu_above_its_k_cap_falls_back_to_cpu(caplog):
+    from curate.index import GPU_MAX_K, gpu_for_k
+
+    assert gpu_for_k(True, GPU_MAX_K) and not gpu_for_k(False, 10)
+    with caplog.at_level("WARNING"):
+        assert not gpu_for_k(True, GPU_MAX_K + 1, "shard-0")
+    assert "searching shard-0 on the CPU" in caplog.text
