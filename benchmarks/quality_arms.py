@@ -258,7 +258,7 @@ def random_shards(bench: Bench, shard_dir: Path, batch_size: int, seed: int) -> 
     """B-curate's data: the train pairs in a seeded random order cut into batches, no negatives,
     no known positives (so the trainer masks nothing but repeated columns)."""
     from curate import schema
-    from curate.shards import write_json, write_shards
+    from curate.shards import manifest_path, write_json, write_shards
 
     order = np.random.default_rng(seed).permutation(len(bench.pairs))
     pairs = [bench.pairs[i] for i in order]
@@ -277,5 +277,5 @@ def random_shards(bench: Bench, shard_dir: Path, batch_size: int, seed: int) -> 
     }, schema=schema.SHARD)  # fmt: skip
     files = write_shards(table, shard_dir, batches_per_shard=64)
     write_json(
-        shard_dir / "manifest.json", {"format": "curate-shards/1", "seed": seed, "files": files}
+        manifest_path(shard_dir), {"format": "curate-shards/1", "seed": seed, "files": files}
     )

@@ -45,7 +45,7 @@ def build_data(root: Path, steps: int, batch: int, seed: int) -> tuple[Path, Pat
 
     from curate import schema
     from curate.export import to_sentence_transformers
-    from curate.shards import write_json, write_shards
+    from curate.shards import write_manifest, write_shards
 
     rows = cranfield_rows(steps * batch, seed).to_dicts()
     for i, r in enumerate(rows):
@@ -54,7 +54,7 @@ def build_data(root: Path, steps: int, batch: int, seed: int) -> tuple[Path, Pat
     files = write_shards(
         pa.Table.from_pylist(rows, schema=schema.SHARD), shard_dir, batches_per_shard=4
     )
-    write_json(shard_dir / "manifest.json", {"files": files})
+    write_manifest(shard_dir, {"files": files})
     to_sentence_transformers(shard_dir, root / "st", num_negatives=1)
     return shard_dir, root / "st"
 

@@ -116,25 +116,30 @@ def export(
     format: str = "sentence-transformers",
     to: str | Path | None = None,
     num_negatives: int | None = None,
+    short: str = "drop",
     overwrite: bool = False,
 ) -> dict:
-    """``curate export``: the shards of ``run_dir`` in another trainer's format; -> counts."""
+    """``curate export``: the shards of ``run_dir`` in another trainer's format, each row with
+    ``num_negatives`` negatives (default: the run's mine.num_negatives); rows short of them are
+    dropped or filled (``short``: drop | repeat, see curate.export) -> the counts, with ``path``
+    (the export) and ``counts`` (the file beside it that holds them)."""
     from curate import export as exp
     from curate import outdir
     from curate.errors import CurateError
-    from curate.shards import MANIFEST
+    from curate.shards import read_manifest
 
     shard_dir = Path(run_dir) / "shards"
-    if not (shard_dir / MANIFEST).is_file():
-        raise CurateError(f"{shard_dir}: no {MANIFEST}; run `curate batch` for this run first")
+    read_manifest(shard_dir)  # no manifest (or an old one): say so before writing anything
     dest = Path(to) if to else Path(run_dir) / "export" / format
     if to:  # another program's files there are refused unless overwrite (the default: curate's)
         outdir.check_export(dest, overwrite)
+    where = {"counts": str(exp.counts_path(dest))}
     if format == "sentence-transformers":
-        return {"path": str(dest), **exp.to_sentence_transformers(shard_dir, dest, num_negatives)}
+        counts = exp.to_sentence_transformers(shard_dir, dest, num_negatives, short)
+        return {"path": str(dest), **where, **counts}
     if format == "flagembedding":
-        dest = dest if dest.suffix == ".jsonl" else dest / "train.jsonl"
-        return {"path": str(dest), **exp.to_flagembedding(shard_dir, dest)}
+        counts = exp.to_flagembedding(shard_dir, dest, num_negatives, short)
+        return {"path": str(exp.flagembedding_file(dest)), **where, **counts}
     raise CurateError(
         f"export format {format!r} unknown; choose sentence-transformers or flagembedding"
     )

@@ -120,7 +120,9 @@ def _print_result(result: dict) -> None:
             "later stages reuse it)"
         )
     if "shards" in result:
-        print(f"shards:   {result['shards']}  (manifest.json inside)")
+        from curate.shards import manifest_path
+
+        print(f"shards:   {result['shards']}  (manifest: {manifest_path(result['shards'])})")
         funnel = result["manifest"]["funnel"]
         print(
             f"funnel:   {funnel.get('candidates', 0):,} candidates -> {funnel.get('kept', 0):,} kept"
@@ -224,10 +226,16 @@ def cmd_loop(args) -> int:
 
 
 def cmd_export(args) -> int:
-    counts = api.export(
-        args.outdir, args.format, args.to, args.num_negatives, overwrite=args.overwrite
+    c = api.export(
+        args.outdir, args.format, args.to, args.num_negatives, args.short, overwrite=args.overwrite
     )
-    print(f"export:   {counts.pop('path')}  " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(f"export:   {c['path']}  ({c['format']}, {c['num_negatives']} negatives per row)")
+    print(
+        f"rows:     {c['rows_in']:,} in -> {c['rows_written']:,} written, "
+        f"{c['rows_dropped']:,} dropped, {c['rows_filled']:,} filled (--short {c['short']}; "
+        f"{c['rows_without_negatives']:,} had no negatives)"
+    )
+    print(f"counts:   {c['counts']}")
     return 0
 
 
@@ -292,7 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-negatives",
         type=int,
         metavar="N",
-        help="negatives per row for sentence-transformers (default: the most every row has)",
+        help="negatives per row: sentence-transformers' negative_1..N columns, the fewest "
+        "negatives a FlagEmbedding line may have (default: the run's mine.num_negatives)",
+    )
+    p.add_argument(
+        "--short",
+        choices=["drop", "repeat"],
+        default="drop",
+        help="rows with fewer than N negatives: drop leaves them out; repeat cycles their own "
+        "negatives up to N (rows with none are dropped either way). Counts are printed and "
+        "written beside the export (OUTDIR/export/FORMAT.json, or PATH.json)",
     )
     _quiet(p)
     p = add(

@@ -2,7 +2,7 @@
 
 Sections: overview, filter funnel, score distributions, topic clusters, batches, training,
 evaluation (with the per-round curve of a retrain loop). Everything is read from what a run wrote:
-``shards/manifest.json`` and the shards, ``forbidden.parquet`` (dropped candidates and their
+``manifest.json`` and ``shards/``, ``forbidden.parquet`` (dropped candidates and their
 scores), ``report.json``, ``model/train_log.jsonl`` and ``loop.json``. A missing part gives a
 short note in its section, never an error. Plots are matplotlib PNGs embedded as base64.
 """
@@ -20,7 +20,7 @@ import polars as pl
 from curate import report_sections as s
 from curate.errors import CurateError
 from curate.report_quality import quality_section
-from curate.shards import MANIFEST, atomic_write_bytes
+from curate.shards import MANIFEST, atomic_write_bytes, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _json(path: Path) -> dict | None:
 
 def _run_dir(out: Path) -> Path:
     """``out`` itself, or for a loop folder its latest complete round."""
-    if (out / "shards" / MANIFEST).is_file() or (out / "report.json").is_file():
+    if (out / MANIFEST).is_file() or (out / "report.json").is_file():
         return out
     rounds = sorted(
         out.glob("round-*/report.json"), key=lambda p: int(p.parent.name.split("-")[-1])
@@ -71,7 +71,7 @@ def load_run(out: str | Path) -> RunData:
     out = Path(out)
     run_dir = _run_dir(out)
     data = RunData(
-        out, run_dir, _json(run_dir / "shards" / MANIFEST), _json(run_dir / "report.json")
+        out, run_dir, read_manifest(run_dir / "shards", True), _json(run_dir / "report.json")
     )
     loop = _json(out / "loop.json") or (
         _json(run_dir.parent / "loop.json") if run_dir != out else None
@@ -79,7 +79,7 @@ def load_run(out: str | Path) -> RunData:
     data.rounds = (loop or {}).get("rounds", [])
     if data.manifest is None and data.report is None and not data.rounds:
         raise CurateError(
-            f"{out}: no curate run here (no shards/{MANIFEST}, report.json or loop.json); "
+            f"{out}: no curate run here (no {MANIFEST}, report.json or loop.json); "
             "run `curate run -c CONFIG` (or `curate batch`) with output_dir pointing here first"
         )
     if data.manifest is not None:

@@ -2,8 +2,13 @@
 
 A shard is a Parquet file holding ``batches_per_shard`` batches; each batch is exactly one row
 group, so a trainer (or a resume) can address batch b as (file, row group). Every file is
-written to ``<name>.tmp`` and renamed; ``manifest.json`` is written last and so marks a
-complete write. Same rows + same seed -> byte-identical files.
+written to ``<name>.tmp`` and renamed; the manifest is written last and so marks a complete
+write. Same rows + same seed -> byte-identical files.
+
+The manifest lives beside the shard folder (``<run>/manifest.json`` for ``<run>/shards``), not
+in it: pyarrow, pandas, polars and ``datasets`` all read a folder as one table only when it holds
+nothing but Parquet (polars and ``datasets`` do not skip ``_``-prefixed names). Paths inside it
+(``files``, ``forbidden``) are relative to the shard folder.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate import faults, schema
+from curate.errors import CurateError
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.json"  # in the run folder, beside shards/: see manifest_path
 PARQUET_OPTS = dict(compression="zstd", compression_level=3, write_statistics=False)
 
 
@@ -81,7 +87,8 @@ def write_shards(table: pa.Table, out_dir: Path, batches_per_shard: int) -> list
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = written_here(out_dir)  # read before the manifest that lists them goes
     # The manifest goes first: a crash below must not leave an old manifest over new shards.
-    (out_dir / MANIFEST).unlink(missing_ok=True)
+    manifest_path(out_dir).unlink(missing_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # where an older curate wrote it
     for name in stale:  # a rerun with other settings may write fewer shards
         (out_dir / name).unlink(missing_ok=True)
     batch_ids = table.column("batch_id").to_numpy()
@@ -107,11 +114,37 @@ def write_shards(table: pa.Table, out_dir: Path, batches_per_shard: int) -> list
     return records
 
 
-def read_manifest(out_dir: Path) -> dict:
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest; the shards there are incomplete or absent")
-    return json.loads(path.read_text())
+class MissingManifestError(CurateError, FileNotFoundError):
+    """No manifest for a shard folder: the shards are incomplete, absent or of an older layout."""
+
+
+def manifest_path(shard_dir: Path) -> Path:
+    """Where the manifest of ``shard_dir`` lives: beside it, in the run folder."""
+    return Path(shard_dir).parent / MANIFEST
+
+
+def write_manifest(shard_dir: Path, manifest: dict) -> None:
+    write_json(manifest_path(shard_dir), manifest)
+
+
+def read_manifest(shard_dir: Path, missing_ok: bool = False) -> dict | None:
+    """The manifest of ``shard_dir``; where there is none, None if ``missing_ok``, else an error
+    (always an error for an older run's manifest inside the folder, which needs a rerun)."""
+    path, old = manifest_path(shard_dir), Path(shard_dir) / MANIFEST
+    if path.is_file():
+        return json.loads(path.read_text())
+    if old.is_file():
+        raise MissingManifestError(
+            f"{old}: a manifest inside the shard folder, from an older curate (it stops the folder "
+            f"loading as one table); rerun `curate batch` with this run's config to rewrite the "
+            f"shards and {path} (cached stages are reused)"
+        )
+    if missing_ok:
+        return None
+    raise MissingManifestError(
+        f"{path}: no manifest for {shard_dir}; the shards there are incomplete or absent (rerun "
+        "`curate batch`)"
+    )
 
 
 def iter_batches(shard_dir: Path, start: int = 0) -> Iterator[tuple[int, pa.Table]]:

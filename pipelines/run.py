@@ -353,7 +353,7 @@ def curate_stage(cfg, out, canon, dedup_info, corpus, ds, mined, forbidden, funn
         "effective": [],  # settings decided at run time (effective_settings), from ``extra``
         **(extra or {}),  # fncheck, score_source, mining_quality, index_recall, effective
     }
-    shards.write_json(shard_dir / shards.MANIFEST, manifest)  # last: marks the shards complete
+    shards.write_manifest(shard_dir, manifest)  # last: marks the shards complete
     return {k: manifest[k] for k in ("counts", "funnel", "effective", *(extra or {}))}
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from curate.shards import MANIFEST
+
 # Ids that look like paths: they must flow through every stage without ever naming a file.
 PATH_LIKE_DOC = "../../escape/doc"
 PATH_LIKE_QUERY = "/tmp/escape/../query"
@@ -64,7 +66,7 @@ def output_bytes(out: Path, differ: tuple[str, ...] = ("output_dir",)) -> dict:
     two runs compared ran on different ones)."""
     files = sorted((out / "shards").glob("*.parquet")) + [out / "forbidden.parquet"]
     got: dict = {p.name: p.read_bytes() for p in files}
-    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
     for key in differ:
         manifest["config"].pop(key)
     got["manifest.json"] = manifest

@@ -91,7 +91,7 @@ def _assert_whole(out: Path) -> None:
             faiss.read_index(str(p))
         elif p.suffix == ".arrow":
             pa.ipc.open_file(pa.memory_map(str(p))).read_all()
-    manifest = out / "shards" / shards.MANIFEST
+    manifest = shards.manifest_path(out / "shards")
     if manifest.is_file():  # a manifest present means every file it names is complete
         for rec in json.loads(manifest.read_text())["files"]:
             assert shards.sha256(out / "shards" / rec["path"]) == rec["sha256"]
@@ -158,7 +158,7 @@ def test_driver_killed_mid_embed_mine_and_shards_resumes_to_same_bytes(
     _assert_whole(out)
     assert _stats(kept) == kept, "finished mine partitions or the index were recomputed"
     assert len(list((out / "shards").glob("shard-*.parquet"))) == 3
-    assert not (out / "shards" / shards.MANIFEST).exists()  # no manifest: not complete
+    assert not (out / shards.MANIFEST).exists()  # no manifest: not complete
     assert not (out / "forbidden.parquet").exists()
 
     # 4. A clean rerun gives the uninterrupted run's bytes and leaves no temp file behind.
@@ -193,7 +193,7 @@ def test_lost_worker_mid_embed_gives_same_bytes(tmp_path, client, run_here, base
 
 
 def test_uninterrupted_run_counts_skips_and_never_names_files_by_id(baseline):
-    counts = json.loads((baseline / "shards" / shards.MANIFEST).read_text())["counts"]
+    counts = json.loads((baseline / shards.MANIFEST).read_text())["counts"]
     assert counts["skipped_empty_docs"] == 2  # Cranfield's docs 471 and 995 (empty_text: skip)
     rows = [
         r
@@ -210,16 +210,17 @@ def test_crash_while_rewriting_shards_leaves_no_stale_manifest(tmp_path, monkeyp
              "pos_score": 0.5, "neg_ids": [], "negs": [], "neg_scores": [], "neg_ranks": [],
              "topic": 0, "known_pos_ids": [f"p{b}"]} for b in range(4)]  # fmt: skip
     table = pa.Table.from_pylist(rows, schema=schema.SHARD)
-    files = shards.write_shards(table, tmp_path, batches_per_shard=1)
-    shards.write_json(tmp_path / shards.MANIFEST, {"files": files})
+    shard_dir = tmp_path / "shards"
+    files = shards.write_shards(table, shard_dir, batches_per_shard=1)
+    shards.write_manifest(shard_dir, {"files": files})
 
     def crash(point):
-        if point == "shard" and len(list(tmp_path.glob("shard-*.parquet"))) == 2:
+        if point == "shard" and len(list(shard_dir.glob("shard-*.parquet"))) == 2:
             raise KeyboardInterrupt("injected crash")
 
     monkeypatch.setattr(faults, "reached", crash)
     with pytest.raises(KeyboardInterrupt):
-        shards.write_shards(table.slice(0, 3), tmp_path, batches_per_shard=1)
+        shards.write_shards(table.slice(0, 3), shard_dir, batches_per_shard=1)
     # The old manifest would describe 4 shards over a half-rewritten folder: it must be gone.
-    assert not (tmp_path / shards.MANIFEST).exists()
+    assert not shards.manifest_path(shard_dir).exists()
     _assert_whole(tmp_path)

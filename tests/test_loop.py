@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from curate.config import config_from_dict
+from curate.shards import MANIFEST
 from pipelines.loop import format_table, loop
 
 
@@ -25,7 +26,7 @@ def test_two_rounds_then_resume(tmp_path, cranfield, tiny_model):
     table = loop(cfg, rounds=2)
     assert [r["round"] for r in table] == [0, 1, 2]
     # round 2 mines with round 1's model and starts training from it
-    r2 = json.loads((tmp_path / "round-2" / "shards" / "manifest.json").read_text())
+    r2 = json.loads((tmp_path / "round-2" / MANIFEST).read_text())
     assert r2["config"]["embed"]["model"] == table[1]["model"]
     assert json.loads((tmp_path / "loop.json").read_text())["rounds"] == table
     assert (tmp_path / "loop.png").read_bytes()[:4] == b"\x89PNG"

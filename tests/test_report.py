@@ -17,6 +17,7 @@ from curate import cli
 from curate.errors import CurateError
 from curate.report import SECTIONS, load_run, render, write_report
 from curate.report_sections import funnel_rows
+from curate.shards import MANIFEST
 
 PNG = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
@@ -68,12 +69,12 @@ def test_run_writes_a_report_with_every_section(run_dir):
     images = _images(page)
     assert len(images) == 5  # funnel, scores, topics, batches, training; no loop: no curve
     assert all(img.format == "PNG" and img.width > 200 and img.height > 100 for img in images)
-    funnel = json.loads((run_dir / "shards" / "manifest.json").read_text())["funnel"]
+    funnel = json.loads((run_dir / MANIFEST).read_text())["funnel"]
     assert f"<td>candidates</td><td>{funnel['candidates']:,}</td>" in page
     assert f"<td>kept</td><td>{funnel['kept']:,}</td>" in page
     assert "dropped: known_positive" in page  # dropped-candidate scores from forbidden.parquet
     assert "<td>ndcg@10</td>" in page and "no retrain loop here" in page
-    quality = json.loads((run_dir / "shards" / "manifest.json").read_text())["mining_quality"]
+    quality = json.loads((run_dir / MANIFEST).read_text())["mining_quality"]
     assert (
         f"<td>pairs left without negatives</td><td>{quality['pairs_without_negatives']}</td>"
         in page

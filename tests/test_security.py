@@ -108,7 +108,7 @@ def _shard_dir(root: Path) -> Path:
             for i in range(2)]  # fmt: skip
     shard_dir = root / "shards"
     files = shards.write_shards(pa.Table.from_pylist(rows, schema=schema.SHARD), shard_dir, 1)
-    shards.write_json(shard_dir / shards.MANIFEST, {"files": files})
+    shards.write_manifest(shard_dir, {"files": files})
     return shard_dir
 
 

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from curate import schema
-from curate.shards import MANIFEST, iter_batches, read_manifest, write_json, write_shards
+from curate.errors import CurateError
+from curate.shards import (
+    MANIFEST,
+    iter_batches,
+    manifest_path,
+    read_manifest,
+    write_manifest,
+    write_shards,
+)
 
 BATCH_SIZES = [2, 3, 1, 2, 2]  # 5 batches, 10 rows
 
@@ -36,20 +45,28 @@ def shard_table() -> pa.Table:
 
 def write(out_dir, batches_per_shard=2):
     records = write_shards(shard_table(), out_dir, batches_per_shard)
-    write_json(out_dir / MANIFEST, {"files": records})
+    write_manifest(out_dir, {"files": records})
     return records
 
 
-def test_files_and_row_groups(tmp_path):
-    records = write(tmp_path)
+@pytest.fixture
+def shard_dir(tmp_path):
+    """The shard folder of a run folder (the manifest goes beside it, in the run folder)."""
+    return tmp_path / "run" / "shards"
+
+
+def test_files_and_row_groups(shard_dir):
+    records = write(shard_dir)
     names = ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
     assert [r["path"] for r in records] == names
     assert [r["batches"] for r in records] == [2, 2, 1]
     assert [r["rows"] for r in records] == [5, 3, 2]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names, MANIFEST])
+    assert sorted(p.name for p in shard_dir.iterdir()) == names  # parquet only: loads as a table
+    assert manifest_path(shard_dir) == shard_dir.parent / MANIFEST
+    assert read_manifest(shard_dir) == {"files": records}
     expected_groups = [[[0, 0], [1, 1, 1]], [[2], [3, 3]], [[4, 4]]]
     for rec, groups in zip(records, expected_groups, strict=True):
-        path = tmp_path / rec["path"]
+        path = shard_dir / rec["path"]
         assert rec["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         pf = pq.ParquetFile(path)
         got = [
@@ -59,48 +76,73 @@ def test_files_and_row_groups(tmp_path):
         assert pf.schema_arrow == schema.SHARD
 
 
-def test_iter_batches_in_order_and_from_start(tmp_path):
-    write(tmp_path)
+def test_iter_batches_in_order_and_from_start(shard_dir):
+    write(shard_dir)
     table = shard_table()
-    got = list(iter_batches(tmp_path))
+    got = list(iter_batches(shard_dir))
     assert [b for b, _ in got] == [0, 1, 2, 3, 4]
     for b, rows in got:
         assert rows.column("batch_id").to_pylist() == [b] * BATCH_SIZES[b]
     assert pa.concat_tables([t for _, t in got]).equals(table)
-    assert [b for b, _ in iter_batches(tmp_path, start=3)] == [3, 4]
-    assert [b for b, _ in iter_batches(tmp_path, start=2)] == [2, 3, 4]  # skips the first file
-    resumed = dict(iter_batches(tmp_path, start=1))
+    assert [b for b, _ in iter_batches(shard_dir, start=3)] == [3, 4]
+    assert [b for b, _ in iter_batches(shard_dir, start=2)] == [2, 3, 4]  # skips the first file
+    resumed = dict(iter_batches(shard_dir, start=1))
     assert resumed[1].column("query_id").to_pylist() == ["q2", "q3", "q4"]
-    assert list(iter_batches(tmp_path, start=5)) == []
+    assert list(iter_batches(shard_dir, start=5)) == []
 
 
 def test_byte_identical_rewrite(tmp_path):
-    first = write(tmp_path / "a")
-    second = write(tmp_path / "b")
+    a, b = tmp_path / "a" / "shards", tmp_path / "b" / "shards"
+    first = write(a)
+    second = write(b)
     assert first == second
     for rec in first:
-        assert (tmp_path / "a" / rec["path"]).read_bytes() == (
-            tmp_path / "b" / rec["path"]
-        ).read_bytes()
-    assert write(tmp_path / "a") == first  # rewriting in place too
+        assert (a / rec["path"]).read_bytes() == (b / rec["path"]).read_bytes()
+    assert write(a) == first  # rewriting in place too
 
 
-def test_no_tmp_left_and_stale_shards_removed(tmp_path):
-    write(tmp_path, batches_per_shard=1)
-    assert len(list(tmp_path.glob("shard-*.parquet"))) == 5
-    write(tmp_path, batches_per_shard=2)
-    assert len(list(tmp_path.glob("shard-*.parquet"))) == 3
-    assert list(tmp_path.rglob("*.tmp")) == []
+def test_no_tmp_left_and_stale_shards_removed(shard_dir):
+    write(shard_dir, batches_per_shard=1)
+    assert len(list(shard_dir.glob("shard-*.parquet"))) == 5
+    write(shard_dir, batches_per_shard=2)
+    assert len(list(shard_dir.glob("shard-*.parquet"))) == 3
+    assert list(shard_dir.rglob("*.tmp")) == []
 
 
-def test_missing_manifest(tmp_path):
-    write_shards(shard_table(), tmp_path, 2)  # shards but no manifest: an incomplete write
+def test_missing_manifest(shard_dir):
+    write_shards(shard_table(), shard_dir, 2)  # shards but no manifest: an incomplete write
     with pytest.raises(FileNotFoundError, match="no manifest"):
-        read_manifest(tmp_path)
+        read_manifest(shard_dir)
     with pytest.raises(FileNotFoundError, match="no manifest"):
-        next(iter_batches(tmp_path))
+        next(iter_batches(shard_dir))
 
 
-def test_rejects_table_without_shard_schema(tmp_path):
+def test_shard_folder_loads_as_one_table_in_every_reader(shard_dir):
+    import datasets
+    import pandas as pd
+    import polars as pl
+
+    write(shard_dir)
+    want = shard_table().column("query_id").to_pylist()  # file order, row-group order
+    assert pq.read_table(shard_dir).column("query_id").to_pylist() == want
+    assert pd.read_parquet(shard_dir)["query_id"].tolist() == want
+    assert pl.read_parquet(shard_dir)["query_id"].to_list() == want
+    ds = datasets.load_dataset("parquet", data_dir=str(shard_dir), split="train")
+    assert ds["query_id"] == want
+
+
+def test_old_manifest_inside_the_shard_folder_says_rerun(shard_dir):
+    records = write_shards(shard_table(), shard_dir, 2)
+    (shard_dir / MANIFEST).write_text(json.dumps({"files": records}))  # an older curate's layout
+    with pytest.raises(FileNotFoundError, match="rerun `curate batch`"):
+        read_manifest(shard_dir)
+    with pytest.raises(CurateError, match="rerun `curate batch`"):
+        read_manifest(shard_dir, missing_ok=True)
+    assert read_manifest(shard_dir.parent / "elsewhere", missing_ok=True) is None
+    write(shard_dir)  # a rerun in place moves it out of the folder
+    assert sorted(p.name for p in shard_dir.iterdir() if not p.name.startswith("shard-")) == []
+
+
+def test_rejects_table_without_shard_schema(shard_dir):
     with pytest.raises(ValueError, match="batch_id"):
-        write_shards(shard_table().drop_columns(["batch_id"]), tmp_path, 2)
+        write_shards(shard_table().drop_columns(["batch_id"]), shard_dir, 2)
