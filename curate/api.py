@@ -102,13 +102,18 @@ def write_report(out: str | Path, path: str | Path | None = None) -> Path:
 
 
 def loop(
-    config: ConfigLike = None, rounds: int = 2, overrides: Sequence[str] = (), quiet: bool = False
+    config: ConfigLike = None,
+    rounds: int = 2,
+    overrides: Sequence[str] = (),
+    quiet: bool = False,
+    keep_going: bool = False,
 ) -> list[dict]:
-    """``curate loop``: retrain ``rounds`` times, mining each round with the last round's model;
-    -> one row per round (round 0: the base model) with the held-out metrics."""
+    """``curate loop``: retrain ``rounds`` times, mining each round with the last round's model,
+    stopping after a round worse than the best so far unless ``keep_going``; -> one row per round
+    (round 0: the base model) with the held-out metrics (loop.json names the best model)."""
     from pipelines.loop import loop as run_loop
 
-    return run_loop(as_config(config, overrides), rounds, quiet=quiet)
+    return run_loop(as_config(config, overrides), rounds, quiet=quiet, keep_going=keep_going)
 
 
 def export(

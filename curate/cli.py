@@ -25,6 +25,13 @@ EPILOG = """\
 config keys: configs/default.yaml lists every key with its default; --set overrides any of them
 (values are YAML scalars: --set mine.max_relative=null). The config is validated before any
 work starts: unknown keys get a did-you-mean, wrong types and out-of-range values are named."""
+EXIT_HELP = """
+
+exit status: 0 done (WARNING lines on stderr flag suspect data: few negatives kept, rows without
+negatives, collapsed embeddings); 2 bad config or input, nothing run; 3 FAILURE: training made the
+model worse than the base model on the held-out split (nDCG@10; report.json "verdict"
+"worse_than_base"). For loop: 3 when no round beat the base model (the base model is kept)."""
+WORSE = 3  # exit status: the trained model scored below the base model
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
@@ -151,6 +158,15 @@ def _auto_report(out: str, args: argparse.Namespace) -> None:
         )
 
 
+def _print_warnings(warnings: list[dict]) -> None:
+    """The run's warnings as the last lines, on stderr, so neither -q nor a pipe hides them."""
+    from curate.health import format_lines
+
+    sys.stdout.flush()  # after the results, also when both streams go to one terminal
+    for line in format_lines(warnings):
+        print(line, file=sys.stderr)
+
+
 def cmd_run(args) -> int:
     cfg = _config(args)
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 runs the stages, the rest train
@@ -166,7 +182,8 @@ def cmd_run(args) -> int:
         _auto_report(result["output_dir"], args)
     if cfg.data.path == "demo" and args.stage == "eval":
         print(f"\nThe same pipeline on a BEIR folder:\n  {BEIR_HINT}")
-    return 0
+    _print_warnings(result.get("warnings") or result.get("manifest", {}).get("warnings") or [])
+    return WORSE if result.get("verdict") == "worse_than_base" else 0
 
 
 def _flat(stats: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -215,14 +232,17 @@ def cmd_report(args) -> int:
 
 
 def cmd_loop(args) -> int:
-    from pipelines.loop import format_table
+    from pipelines.loop import format_table, loop_summary
 
     cfg = _config(args)
-    table = api.loop(cfg, args.rounds, quiet=args.quiet)
+    table = api.loop(cfg, args.rounds, quiet=args.quiet, keep_going=args.keep_going)
     print(format_table(table))
     print(f"rounds:   {cfg.output_dir}/loop.json, {cfg.output_dir}/loop.png")
+    summary = loop_summary(cfg.output_dir)
+    print(f"model:    {summary.get('model')}  (round {summary.get('best_round')}, the best)")
     _auto_report(cfg.output_dir, args)
-    return 0
+    _print_warnings(summary.get("warnings") or [])
+    return WORSE if summary.get("best_round") == 0 else 0
 
 
 def cmd_export(args) -> int:
@@ -263,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
             help=help_,
             description=help_,
             formatter_class=Formatter,
-            epilog=EPILOG if configured else None,
+            epilog=(EPILOG + (EXIT_HELP if fn in (cmd_run, cmd_loop) else ""))
+            if configured
+            else None,
         )
         p.set_defaults(fn=fn)
         return p
@@ -280,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument(
         "--rounds", type=int, default=2, help="training rounds (round 0 is the base model)"
+    )
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="run every round even after one scores below the best so far (default: stop there; "
+        "loop.json names the best round's model either way)",
     )
     p.add_argument("--no-report", action="store_true", help="skip writing report.html")
     p = add("export", "write a run's shards in another trainer's format", cmd_export, False)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import polars as pl
 
+from curate import health
 from curate import report_sections as s
 from curate.errors import CurateError
 from curate.report_quality import quality_section
@@ -38,7 +39,9 @@ CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em au
 h1{margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
 .sub,.note{color:#666}.note{font-style:italic}nav a{margin-right:1em}img{max-width:100%}
 table{border-collapse:collapse;margin:.8em 0}td,th{padding:.25em .8em;border-bottom:1px solid #e5e5e5;text-align:right}
-td:first-child,th:first-child{text-align:left}th{background:#f5f5f5}.grid{display:flex;flex-wrap:wrap;gap:2em}"""
+td:first-child,th:first-child{text-align:left}th{background:#f5f5f5}.grid{display:flex;flex-wrap:wrap;gap:2em}
+.warn{border-left:6px solid #ff7f0e;background:#fff4e5;padding:.5em 1em;margin:.8em 0}.warn p{margin:.2em 0}
+.warn.failure{border-color:#d62728;background:#fdecea}.warn ul{margin:.3em 0}"""
 
 
 @dataclass
@@ -51,6 +54,7 @@ class RunData:
     forbidden: pl.DataFrame | None = None
     train_log: list[dict] = field(default_factory=list)
     rounds: list[dict] = field(default_factory=list)
+    loop_warnings: list[dict] = field(default_factory=list)  # loop.json's (a round made it worse)
 
 
 def _json(path: Path) -> dict | None:
@@ -77,6 +81,7 @@ def load_run(out: str | Path) -> RunData:
         _json(run_dir.parent / "loop.json") if run_dir != out else None
     )
     data.rounds = (loop or {}).get("rounds", [])
+    data.loop_warnings = (loop or {}).get("warnings") or []
     if data.manifest is None and data.report is None and not data.rounds:
         raise CurateError(
             f"{out}: no curate run here (no {MANIFEST}, report.json or loop.json); "
@@ -92,12 +97,38 @@ def load_run(out: str | Path) -> RunData:
         path = run_dir / "shards" / rec["path"]
         if path.is_file():
             data.forbidden = pl.read_parquet(path)
-    log_path = run_dir / "model" / "train_log.jsonl"
-    if log_path.is_file():
-        lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-        starts = [i for i, r in enumerate(lines) if r.get("step") == 1]
-        data.train_log = lines[starts[-1] if starts else 0 :]  # the log appends: the last run's
+    data.train_log = health.read_train_log(run_dir / "model" / "train_log.jsonl")
     return data
+
+
+def run_warnings(d: RunData) -> list[dict]:
+    """Failures first: the loop's stop, the evaluation guard, then the data checks (recomputed,
+    so a run from before the checks shows them too), then any other stored warning."""
+    m = d.manifest or {"config": {}, **((d.report or {}).get("manifest") or {})}
+    ev = health.eval_warnings((d.report or {}).get("eval"), m, d.train_log)
+    if ev and d.shards is not None:  # name the rows per query per batch too
+        per_query = health.rows_per_query(d.shards["batch_id"], d.shards["query_id"])
+        ev = health.eval_warnings((d.report or {}).get("eval"), m, d.train_log, per_query)
+    found = health.merge(
+        d.loop_warnings, ev, health.data_warnings(m),
+        (d.report or {}).get("warnings"), m.get("warnings"),
+    )  # fmt: skip
+    return sorted(found, key=lambda w: w.get("level") != "failure")
+
+
+def warnings_block(warnings: list[dict]) -> str:
+    out = []
+    for w in warnings:
+        level = "failure" if w.get("level") == "failure" else "warning"
+        causes = "".join(
+            f"<li>likely cause: {html.escape(c)}</li>" for c in w.get("likely_causes") or []
+        )
+        out.append(
+            f'<div class="warn {level}" id="warning-{html.escape(str(w.get("code")))}">'
+            f"<p><b>{level.upper()}: {html.escape(str(w.get('message')))}</b></p>"
+            + (f"<ul>{causes}</ul>" if causes else "") + "</div>"
+        )  # fmt: skip
+    return "".join(out)
 
 
 # --- assembly ---------------------------------------------------------------------------
@@ -124,7 +155,8 @@ def render(d: RunData) -> str:
     return (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>curate report: {html.escape(str(d.out))}</title><style>{CSS}</style></head>"
-        f"<body><h1>curate report</h1><nav>{nav}</nav>{body}</body></html>\n"
+        f"<body><h1>curate report</h1>{warnings_block(run_warnings(d))}<nav>{nav}</nav>{body}"
+        "</body></html>\n"
     )
 
 

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
+from curate import health
+
 if TYPE_CHECKING:
     from curate.report import RunData
 
@@ -113,6 +115,12 @@ def overview(d: RunData) -> str:
             ["seed", d.manifest.get("seed", "?")],
         ]
     tables = [_table(["", "value"], rows) if rows else _note("no shard manifest in this run")]
+    used = (d.manifest or {}).get("effective") or []
+    if used:  # settings the run changed from the config (calibrated ceiling, raised nprobe, ...)
+        tables.append(
+            _table(["setting", "configured", "used", "why"],
+                   [[e.get("key"), e.get("configured"), e.get("used"), e.get("why")] for e in used])
+        )  # fmt: skip
     timings = (d.report or {}).get("timings")
     if timings:
         order = sorted(timings, key=lambda k: (STAGE_ORDER + (k,)).index(k))
@@ -205,14 +213,15 @@ def scores_section(d: RunData) -> str:
         color=COLORS["pos"],
         label=f"positives (n={len(pos):,})",
     )
-    ax.hist(
-        neg,
-        bins=bins,
-        density=True,
-        alpha=0.45,
-        color=COLORS["neg"],
-        label=f"kept negatives (n={len(neg):,})",
-    )
+    if len(neg):  # a run that kept none: no histogram (density of nothing divides by zero)
+        ax.hist(
+            neg,
+            bins=bins,
+            density=True,
+            alpha=0.45,
+            color=COLORS["neg"],
+            label=f"kept negatives (n={len(neg):,})",
+        )
     ax.set_title(f"{source} scores" if ncols == 2 else "")
     drop_ax = axes[-1]
     reds = ["#d62728", "#ff9896", "#8c564b", "#e377c2", "#9467bd", "#bcbd22"]
@@ -362,12 +371,21 @@ def training_section(d: RunData) -> str:
     _integer_ticks(axes[1])
     axes[1].set_ylabel("examples / s")
     last = d.train_log[-1]
+    loss = health.loss_summary(d.train_log)
+    short = (
+        f" (short batch: {loss['last_rows']} of {loss['full_rows']} rows)"
+        if loss["short_last_batch"]
+        else ""
+    )
     rows = [
         ["steps", int(steps[-1])],
-        ["final loss", float(last["loss"])],
+        [f"final loss (mean of the last {loss['smoothed_steps']} full batches)",
+         loss["smoothed_loss"]],
+        ["last step's loss" + short, float(last["loss"])],
         ["temperature", float(last.get("temperature", np.nan))],
-    ]
-    return _img(fig, "training curves") + _table(["", "value"], rows)
+    ]  # fmt: skip
+    note = _note("a short batch has fewer in-batch negatives: its loss is on a lower scale")
+    return _img(fig, "training curves") + _table(["", "value"], rows) + (note if short else "")
 
 
 def evaluation_section(d: RunData) -> str:

@@ -6,6 +6,10 @@ both the mining model and the starting point of training. A round whose ``report
 complete and is not run again, so an interrupted loop resumes at round granularity. All rounds
 share one embeddings cache, so the corpus embedded for round r's evaluation is reused by round
 r+1's mining.
+
+The loop stops after a round whose trained model scores below the best round so far (nDCG@10 on
+the held-out split) and keeps that best round's model: ``loop.json`` names it (``model``,
+``best_round``; round 0 is the base model) with a warning saying which round made it worse.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import json
 import logging
 from pathlib import Path
 
-from curate import embed, outdir
+from curate import embed, health, outdir
 from curate.config import Config
 from curate.shards import write_json
 from pipelines.run import resolve_data, run
@@ -23,18 +27,23 @@ from pipelines.run import resolve_data, run
 log = logging.getLogger(__name__)
 
 METRICS = ("ndcg@10", "recall@100", "mrr@10")
+GUARD = "ndcg@10"  # a round below the best so far on this metric stops the loop
 
 
-def loop(cfg: Config, rounds: int, quiet: bool = False) -> list[dict]:
-    """-> one row per round (round 0 = the base model) with the held-out metrics."""
+def loop(cfg: Config, rounds: int, quiet: bool = False, keep_going: bool = False) -> list[dict]:
+    """-> one row per round (round 0 = the base model) with the held-out metrics; stops after a
+    round worse than the best so far unless ``keep_going`` (loop.json names the best round's
+    model either way)."""
     root = Path(cfg.output_dir)
     outdir.check(root, cfg.overwrite)  # before the demo data or any round is written there
     embed.check_model(cfg.embed)
     base = dataclasses.replace(
-        cfg, data=resolve_data(cfg), cache_dir=cfg.cache_dir or str(root / "cache"),
+        cfg,
+        data=resolve_data(cfg),
+        cache_dir=cfg.cache_dir or str(root / "cache"),
         train=dataclasses.replace(cfg.train, enabled=True),
     )
-    model, table = cfg.embed.model, []
+    model, table, warnings = cfg.embed.model, [], []
     for r in range(1, rounds + 1):
         rdir = root / f"round-{r}"
         done = rdir / "report.json"
@@ -48,11 +57,50 @@ def loop(cfg: Config, rounds: int, quiet: bool = False) -> list[dict]:
             result = run(rcfg, quiet=quiet)
         if r == 1:
             table.append({"round": 0, "model": cfg.embed.model, **_pick(result["eval"]["base"])})
-        model = result["model"]
-        table.append({"round": r, "model": model, **_pick(result["eval"]["trained"])})
-        write_json(root / "loop.json", {"rounds": table})
+        best = max(table, key=lambda row: row[GUARD])  # the earliest of equals
+        table.append({"round": r, "model": result["model"], **_pick(result["eval"]["trained"])})
+        worse = table[-1][GUARD] < best[GUARD]
+        if worse:
+            warnings.append(_worse(table[-1], best, result, keep_going))
+            log.warning("%s", warnings[-1]["message"])
+        best, model = max(table, key=lambda row: row[GUARD]), result["model"]
+        write_json(root / "loop.json", {"rounds": table, "best_round": best["round"],
+                                        "model": best["model"], "warnings": warnings})  # fmt: skip
+        if worse and not keep_going:
+            break
     plot(table, root / "loop.png")
     return table
+
+
+def _worse(row: dict, best: dict, result: dict, keep_going: bool) -> dict:
+    """The stop: round ``row`` scored below ``best``; its own guard's causes if it has them."""
+    causes = [c for w in result.get("warnings") or [] if w.get("code") == "worse_than_base"
+              for c in w.get("likely_causes") or []]  # fmt: skip
+    return health.warning(
+        "loop_round_worse",
+        f"round {row['round']} made the model worse: nDCG@10 {best[GUARD]:.3f} (round "
+        f"{best['round']}) -> {row[GUARD]:.3f}; "
+        + (
+            "the loop goes on (keep_going), best so far: "
+            if keep_going
+            else "the loop stopped and "
+        )
+        + f"keeps round {best['round']}'s model"
+        + (" (the base model)" if best["round"] == 0 else ""),
+        causes,
+        level="failure" if best["round"] == 0 else "warning",
+    )
+
+
+def loop_summary(root: str | Path) -> dict:
+    """loop.json's choice: ``model`` and ``best_round`` (the last round for loops from before
+    the guard), and ``warnings``."""
+    path = Path(root) / "loop.json"
+    got = json.loads(path.read_text()) if path.is_file() else {}
+    rounds = got.get("rounds") or [{}]
+    return {"model": got.get("model", rounds[-1].get("model")),
+            "best_round": got.get("best_round", rounds[-1].get("round")),
+            "warnings": got.get("warnings") or []}  # fmt: skip
 
 
 def _pick(metrics: dict) -> dict:

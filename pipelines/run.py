@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from curate import ceiling, dedup, embed, fncheck, index, mine, outdir, shards
+from curate import ceiling, dedup, embed, fncheck, health, index, mine, outdir, shards
 from curate.config import Config, DataConfig
 from curate.curation import (
     build_rows,
@@ -170,6 +170,7 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
             )
             checks["index_recall"] = index_recall
             checks["effective"] = effective_settings(cfg, mcfg, nprobe, cal, index_recall)
+            checks["embedding_health"] = health.embedding_health(doc_vecs, cfg.seed)
             if cal is not None:
                 checks["ceiling_calibration"] = dataclasses.asdict(cal)
         if done("mine"):
@@ -192,6 +193,7 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
     result["timings"] = timings
     # docs + queries over the whole embed stage, worker start-up and model loading included
     result["texts_per_s"] = round((len(doc_ids) + len(q_ids)) / max(timings["embed"], 1e-9), 1)
+    result.update(health.assess(result, cfg.to_dict(), out))  # warnings, "worse_than_base"
     shards.write_json(out / "report.json", result)
     return result
 
@@ -353,8 +355,9 @@ def curate_stage(cfg, out, canon, dedup_info, corpus, ds, mined, forbidden, funn
         "effective": [],  # settings decided at run time (effective_settings), from ``extra``
         **(extra or {}),  # fncheck, score_source, mining_quality, index_recall, effective
     }
+    manifest["warnings"] = health.data_warnings(manifest)  # few negatives, collapsed embeddings
     shards.write_manifest(shard_dir, manifest)  # last: marks the shards complete
-    return {k: manifest[k] for k in ("counts", "funnel", "effective", *(extra or {}))}
+    return {k: manifest[k] for k in ("counts", "funnel", "warnings", "effective", *(extra or {}))}
 
 
 def train_stage(cfg: Config, out: Path, model_path: Path) -> Path:

@@ -56,7 +56,10 @@ def run_dir(tmp_path_factory, cranfield, tiny_model):
     out = root / "out"
     assert not (out / "shards").exists() and not (out / "report.json").exists()
     mined = {p: p.stat().st_mtime_ns for p in (out / "work").rglob("*") if p.is_file()}
-    assert cli.main(["run", "-c", str(cfg), "-q"]) == 0
+    rc = cli.main(["run", "-c", str(cfg), "-q"])
+    # a random tiny BERT may train worse or better by noise: the exit status follows the verdict
+    verdict = json.loads((out / "report.json").read_text())["verdict"]
+    assert rc == (cli.WORSE if verdict == "worse_than_base" else 0)
     # the stages mine ran were cached: run rewrote none of their files
     assert {p: p.stat().st_mtime_ns for p in mined} == mined
     return out
@@ -124,3 +127,31 @@ def test_funnel_rows_keep_pipeline_order():
 def test_report_of_nothing_raises(tmp_path):
     with pytest.raises(CurateError, match="no curate run here"):
         write_report(tmp_path)
+
+
+def test_final_loss_is_smoothed_and_a_short_last_batch_is_marked(run_dir):
+    data = load_run(run_dir)
+    data.train_log = [{"step": i + 1, "loss": 3.0 + (i % 2), "rows": 8} for i in range(12)]
+    data.train_log.append({"step": 13, "loss": 0.2, "rows": 2})
+    page = render(data)
+    assert "<td>final loss (mean of the last 10 full batches)</td><td>3.5000</td>" in page
+    assert "<td>last step&#x27;s loss (short batch: 2 of 8 rows)</td><td>0.2000</td>" in page
+    data.train_log.pop()
+    assert "short batch" not in render(data)
+
+
+def test_warnings_and_effective_settings_head_the_report(run_dir):
+    data = load_run(run_dir)
+    data.manifest["counts"].update(rows=40, rows_without_negatives=3)
+    data.manifest["effective"] = [
+        {"key": "mine.max_relative", "configured": 0.95, "used": 0.8, "why": "calibrated"}
+    ]
+    ev = data.report["eval"]
+    ev = {"base": {**ev["base"], "ndcg@10": 0.32}, "trained": {**ev["trained"], "ndcg@10": 0.161}}
+    data.report = {**data.report, "eval": ev}
+    page = render(data)
+    top = page[: page.index("<nav>")]
+    fail = top.index("FAILURE: training made the model worse: nDCG@10 0.320 -&gt; 0.161")
+    assert fail < top.index("WARNING: 3 of 40 rows (7.5%) have no hard negative")  # failures first
+    assert "likely cause: ceiling used: mine.max_relative = 0.8" in top
+    assert "<td>mine.max_relative</td><td>0.9500</td><td>0.8000</td><td>calibrated</td>" in page
