@@ -316,6 +316,7 @@ def main(argv=None) -> None:
         "train_max_length",
         "max_length",
         "warmup_steps",
+        "chunk_size",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument("--lr", type=float, default=d.lr)
@@ -342,6 +343,7 @@ def main(argv=None) -> None:
         lr=a.lr,
         warmup_steps=a.warmup_steps,
         d_max_relative=a.d_max_relative,
+        chunk_size=a.chunk_size,
     )
     t0, load0 = time.time(), os.getloadavg()
     bench = load_bench(a.data)

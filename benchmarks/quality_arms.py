@@ -61,11 +61,14 @@ class Settings:
     # curate's ceiling (mine.max_relative) for D and E, when chosen on the train split's tuning
     # probe (docs/quality.md); None: curate's default. Not in the key: curate's runs record it.
     d_max_relative: float | None = None
+    # GradCache chunk for both trainers (curate's train.chunk_size, sentence-transformers'
+    # CachedMultipleNegativesRankingLoss); 0: plain. Not in the key: the gradients are the same.
+    chunk_size: int = 0
 
     def key(self) -> str:
         import hashlib
 
-        fields = {k: v for k, v in asdict(self).items() if k != "d_max_relative"}
+        fields = {k: v for k, v in asdict(self).items() if k not in ("d_max_relative", "chunk_size")}
         text = json.dumps([fields, ST_MINING], sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
 
@@ -172,7 +175,16 @@ def st_train(rows: list[dict], out: Path, seed: int, s: Settings, no_duplicates:
         disable_tqdm=True,
         use_cpu=True,
     )
-    loss = MultipleNegativesRankingLoss(model, scale=1.0 / s.temperature)
+    if s.chunk_size:
+        from sentence_transformers.sentence_transformer.losses import (
+            CachedMultipleNegativesRankingLoss,
+        )
+
+        loss = CachedMultipleNegativesRankingLoss(
+            model, scale=1.0 / s.temperature, mini_batch_size=s.chunk_size
+        )
+    else:
+        loss = MultipleNegativesRankingLoss(model, scale=1.0 / s.temperature)
     SentenceTransformerTrainer(
         model=model, args=args, train_dataset=Dataset.from_dict(cols), loss=loss
     ).train()
@@ -221,7 +233,7 @@ def curate_config(
             "enabled": train, "epochs": 1000, "max_steps": s.steps, "lr": s.lr,
             "warmup_steps": s.warmup_steps, "weight_decay": s.weight_decay,
             "temperature": s.temperature, "max_length": s.train_max_length,
-            "checkpoint_every": 10**6, "mask": arm != "E-nomask",
+            "checkpoint_every": 10**6, "mask": arm != "E-nomask", "chunk_size": s.chunk_size,
         },
         "eval": {"enabled": False},
     }  # fmt: skip
