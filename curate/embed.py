@@ -236,18 +236,29 @@ class Encoder:
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=getattr(torch, dtype))
 
-    def encode(self, texts: list[str], prefix: str = "") -> np.ndarray:
-        """[N, D] float32, L2-normalised, in the order of ``texts``."""
-        import torch
-
-        enc = self.tokenizer(
+    def tokenize(self, texts: list[str], prefix: str = ""):
+        return self.tokenizer(
             [prefix + t for t in texts], truncation=True, max_length=self.cfg.max_length
         )
-        lengths = np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int64)
+
+    def encode(self, texts: list[str], prefix: str = "", sizes: list[int] | None = None) -> np.ndarray:
+        """[N, D] float32, L2-normalised, in the order of ``texts``. ``sizes``: run exactly these
+        consecutive batches (the embedding plan's, curate/embed_plan.py), so a text's vector does
+        not depend on how the texts were split into calls; else batches are cut here by budget."""
+        import torch
+
+        enc = self.tokenize(texts, prefix)
+        if sizes is None:
+            lengths = np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int64)
+            batches = token_budget_batches(lengths, self.cfg.token_budget)
+        else:
+            assert sum(sizes) == len(texts), "batch sizes do not cover the texts"
+            ends = np.cumsum(sizes)
+            batches = [np.arange(end - size, end) for size, end in zip(sizes, ends)]
         dim = self.model.config.hidden_size
         out = np.empty((len(texts), dim), dtype=np.float32)
         with torch.inference_mode(), self._autocast():
-            for idx in token_budget_batches(lengths, self.cfg.token_budget):
+            for idx in batches:
                 feats = {k: [enc[k][i] for i in idx] for k in enc.keys()}
                 batch = self.tokenizer.pad(feats, return_tensors="pt").to(self.device)
                 hidden = self.model(**batch).last_hidden_state.float()  # [b, L, D]
@@ -349,6 +360,16 @@ def read_embeddings(paths: list[Path]) -> tuple[list[str], np.ndarray]:
     return table.column("id").to_pylist(), flat.astype(np.float32).reshape(-1, dim)
 
 
+def token_lengths(
+    texts: list[str], model_path: str, cfg: EmbedConfig, prefix: str, torch_threads: int | None = None
+) -> np.ndarray:
+    """[N] int32 token count of each text as embedded (prefix included, truncated): what the
+    embedding plan cuts batches by."""
+    encoder = cached_encoder(cfg, Path(model_path), torch_threads)
+    return np.fromiter((len(ids) for ids in encoder.tokenize(texts, prefix)["input_ids"]),
+                       dtype=np.int32, count=len(texts))
+
+
 def embed_partition(
     ids: list[str],
     texts: list[str],
@@ -357,13 +378,15 @@ def embed_partition(
     cfg: EmbedConfig,
     prefix: str,
     torch_threads: int | None = None,
+    sizes: list[int] | None = None,
 ) -> str:
-    """Embed one partition and write it to ``out_path`` unless it is already there (resume)."""
+    """Embed one partition (in batches of ``sizes``, see ``Encoder.encode``) and write it to
+    ``out_path`` unless it is already there (resume)."""
     path = Path(out_path)
     if path.exists():
         return out_path
     encoder = cached_encoder(cfg, Path(model_path), torch_threads)
-    vectors = encoder.encode(texts, prefix)
+    vectors = encoder.encode(texts, prefix, sizes)
     if not (finite := np.isfinite(vectors).all(axis=1)).all():
         bad = [ids[i] for i in np.flatnonzero(~finite)]
         raise NonFiniteEmbeddingError(

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate import embed, faults, index, mine, schema
+from curate import embed, embed_plan, faults, index, mine, schema
 from curate.config import EmbedConfig, IndexConfig, MineConfig
 from curate.progress import track
 from curate.shards import write_table
@@ -43,14 +43,20 @@ def embed_texts(
     cfg: EmbedConfig,
     cache_dir: Path,
 ) -> tuple[list[str], np.ndarray]:
-    """Embed on the cluster, one task per partition; -> (ids, [N, D] float32) in input order."""
+    """Embed on the cluster, one task per partition of the embedding plan (curate/embed_plan.py:
+    batches cut over all texts, so no vector depends on ``partition_size``);
+    -> (ids, [N, D] float32) in input order."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(cfg).items() if k != "partition_size"}
     settings = json.dumps({**settings, "compute_dtype": embed.local_dtype(cfg)}, sort_keys=True)
+    lengths = _token_lengths(workers, texts, prefix, model_path, model_fp, cfg, cache_dir)
+    parts = embed_plan.plan(lengths, embed_plan.text_hashes(texts, prefix), cfg.token_budget,
+                            cfg.partition_size)
     futures, paths = [], []
-    for start in range(0, len(ids), cfg.partition_size):
-        part_ids, part_texts = ids[start : start + cfg.partition_size], texts[start : start + cfg.partition_size]
-        key = content_hash([model_fp, settings, prefix, *part_ids, *part_texts])
+    for part in parts:
+        part_ids, part_texts = [ids[i] for i in part.rows], [texts[i] for i in part.rows]
+        sizes = ",".join(map(str, part.sizes))
+        key = content_hash([model_fp, settings, prefix, sizes, *part_ids, *part_texts])
         path = cache_dir / f"{key}.parquet"
         paths.append(path)
         if path.exists():
@@ -58,14 +64,42 @@ def embed_texts(
         futures.append(
             workers.client.submit(
                 embed.embed_partition, part_ids, part_texts, str(path), str(model_path), cfg,
-                prefix, workers.torch_threads, key=f"embed-{key}", pure=False,
+                prefix, workers.torch_threads, part.sizes, key=f"embed-{key}", pure=False,
             )
         )
     log.info("embedding %d texts: %d of %d partitions cached", len(ids), len(paths) - len(futures), len(paths))
     _gather(workers, futures, f"embed ({cache_dir.name})")
-    got_ids, vecs = embed.read_embeddings(paths)
-    assert got_ids == ids, "embedding partitions out of order"
-    return got_ids, vecs
+    got_ids, vecs = embed.read_embeddings(paths) if paths else ([], np.empty((0, 0), np.float32))
+    order = np.concatenate([p.rows for p in parts]) if parts else np.empty(0, np.int64)
+    assert got_ids == [ids[i] for i in order], "embedding partitions out of order"
+    out = np.empty_like(vecs)
+    out[order] = vecs  # plan order -> input order
+    return list(ids), out
+
+
+def _token_lengths(workers: Workers, texts: list[str], prefix: str, model_path: Path, model_fp: str,
+                   cfg: EmbedConfig, cache_dir: Path) -> np.ndarray:
+    """[N] token lengths, tokenized on the cluster in contiguous chunks; kept in ``cache_dir``
+    keyed by tokenizer, max_length and texts, so a rerun that finds every partition cached needs
+    no model."""
+    key = content_hash([model_fp, str(cfg.max_length), prefix, *texts])
+    path = cache_dir / f"lengths-{key}.npy"
+    if path.exists():
+        return np.load(path)
+    step = max(cfg.partition_size, 1024)  # chunking only splits the work
+    futures = [
+        workers.client.submit(
+            embed.token_lengths, texts[start : start + step], str(model_path), cfg, prefix,
+            workers.torch_threads, key=f"lengths-{key}-{start}", pure=False,
+        )
+        for start in range(0, len(texts), step)
+    ]
+    lengths = np.concatenate([np.empty(0, np.int32), *_gather(workers, futures, "tokenize")])
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, lengths)
+    os.replace(tmp, path)
+    return lengths
 
 
 # --- index: one file per contiguous shard of the corpus -----------------------------------

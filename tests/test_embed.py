@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from curate import embed_plan
 from curate.config import ClusterConfig, EmbedConfig
 from curate.embed import (
     Encoder,
@@ -48,6 +49,53 @@ def test_token_budget_batches_fill_up_to_the_budget():
         [4, 0],
         [2, 3],
     ]
+
+
+def _plan_batches(parts) -> list[list[int]]:
+    out = []
+    for part in parts:
+        ends = np.cumsum(part.sizes)
+        out += [part.rows[e - n : e].tolist() for n, e in zip(part.sizes, ends)]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_plan_batches_do_not_depend_on_partition_size(seed):
+    """Partitions only group whole batches: every partition size gives the same batches, each
+    within the budget, longest first, every text exactly once."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 3000))
+    lengths = rng.integers(1, 300, size=n)
+    hashes = rng.integers(0, 2**63, size=n, dtype=np.uint64)
+    want = _plan_batches(embed_plan.plan(lengths, hashes, 2048, n))
+    assert sorted(i for b in want for i in b) == list(range(n))
+    assert all(len(b) * lengths[b].max() <= 2048 or len(b) == 1 for b in want)
+    flat = np.concatenate(want)
+    assert np.all(np.diff(lengths[flat]) <= 0)
+    for size in (1, 7, 100, 1024):
+        parts = embed_plan.plan(lengths, hashes, 2048, size)
+        assert _plan_batches(parts) == want
+        assert all(sum(p.sizes) <= size or len(p.sizes) == 1 for p in parts)
+
+
+def test_plan_is_content_defined():
+    """An added text moves only the batches near it: the batches far from it are kept, so the
+    content-addressed cache keeps their partitions."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, size=5000)
+    hashes = rng.integers(0, 2**63, size=5000, dtype=np.uint64)
+    before = {tuple(b) for b in _plan_batches(embed_plan.plan(lengths, hashes, 2048, 256))}
+    after = _plan_batches(embed_plan.plan(np.append(lengths, 150), np.append(hashes, np.uint64(12345)), 2048, 256))
+    assert len({tuple(b) for b in after} - before) <= 5 < len(before)
+
+
+def test_encoder_runs_the_given_batches(tiny_model):
+    """With ``sizes`` the texts are embedded in exactly those consecutive batches: one text in a
+    batch of its own gives what a batch of it alone gives."""
+    enc = Encoder.load(EmbedConfig(dtype="float32", device="cpu"), tiny_model)
+    got = enc.encode(SENTENCES, sizes=[2, 1, 2])
+    np.testing.assert_array_equal(got[2], enc.encode(SENTENCES[2:3])[0])
+    np.testing.assert_allclose(got, enc.encode(SENTENCES), atol=1e-5)
 
 
 def test_encoder_matches_sentence_transformers_on_minilm_fp32():
@@ -100,35 +148,45 @@ def test_embed_texts_resumes_by_content_hash(tmp_path, tiny_model):
     from pipelines.cluster import Workers, connect
     from pipelines.stages import embed_texts
 
-    cfg = EmbedConfig(model=str(tiny_model), max_length=32, partition_size=4, dtype="float32")
-    ids = [f"d{i}" for i in range(10)]
-    texts = [f"text number {i} " * (i + 1) for i in range(10)]
+    # A small budget: many batches of a few rows, so partitions of 4 texts are several.
+    cfg = EmbedConfig(model=str(tiny_model), max_length=32, partition_size=4, dtype="float32",
+                      token_budget=64)
+    ids = [f"d{i}" for i in range(40)]
+    texts = [f"text number {i} " * (i % 7 + 1) for i in range(40)]
     fp = model_fingerprint(tiny_model)
     with connect(ClusterConfig(n_workers=1, threads_per_worker=1), quiet=True) as w:
         counting = CountingClient(w.client)
         workers = Workers(counting, w.n_workers, 1)
         got_ids, first = embed_texts(workers, ids, texts, "", tiny_model, fp, cfg, tmp_path)
-        assert got_ids == ids and first.shape == (10, 32)
-        assert len(counting.submitted) == 3  # 4 + 4 + 2 texts
+        assert got_ids == ids and first.shape == (40, 32)
         files = sorted(tmp_path.glob("*.parquet"))
+        embeds = [k for k in counting.submitted if k.startswith("embed-")]
+        assert len(embeds) == len(files) >= 5  # one task per partition, plus one tokenizing
+        assert len(counting.submitted) == len(embeds) + 1
         stamps = {p: p.stat().st_mtime_ns for p in files}
 
         counting.submitted.clear()
         _, again = embed_texts(workers, ids, texts, "", tiny_model, fp, cfg, tmp_path)
-        assert counting.submitted == []  # every partition found on disk
+        assert counting.submitted == []  # every partition (and the token lengths) found on disk
         assert {p: p.stat().st_mtime_ns for p in files} == stamps
         np.testing.assert_array_equal(again, first)
 
-        # One changed text re-embeds only its partition; the others are reused.
+        # One changed text re-embeds the partitions between its old and new place in the plan
+        # (on 40 texts, most; test_plan_is_content_defined has the locality at scale); the
+        # others are reused.
         texts[5] = "an edited text"
         _, edited = embed_texts(workers, ids, texts, "", tiny_model, fp, cfg, tmp_path)
-        assert len(counting.submitted) == 1
-        assert len(list(tmp_path.glob("*.parquet"))) == 4
-        np.testing.assert_array_equal(edited[[0, 1, 2, 3, 8, 9]], first[[0, 1, 2, 3, 8, 9]])
+        redone = [k for k in counting.submitted if k.startswith("embed-")]
+        assert 1 <= len(redone) < len(files)
+        assert len(list(tmp_path.glob("*.parquet"))) == len(files) + len(redone)
+        others = [i for i in range(40) if i != 5]
+        np.testing.assert_allclose(edited[others], first[others], atol=1e-6)
 
         # float16 storage is a different cache entry and reads back as float32.
         counting.submitted.clear()
         half = EmbedConfig(**{**cfg.__dict__, "store_dtype": "float16"})
+        before = len(list(tmp_path.glob("*.parquet")))
         _, h = embed_texts(workers, ids, texts, "", tiny_model, fp, half, tmp_path)
-        assert len(counting.submitted) == 3 and h.dtype == np.float32
+        assert len(counting.submitted) == len(list(tmp_path.glob("*.parquet"))) - before
+        assert h.dtype == np.float32
         np.testing.assert_allclose(h, edited, atol=1e-3)
