@@ -205,13 +205,21 @@ def _search_task(queries: np.ndarray, index_path: str, k: int, icfg: IndexConfig
     return index.search(shard, queries, k, icfg.query_block)
 
 
+def _block_rows(chunks: list[list[tuple]], rows: tuple[int, int]) -> list[tuple]:
+    """Per shard: the search grid chunks a block spans, joined and cut to the block's rows."""
+    a, b = rows
+    return [(np.concatenate([d for d, _ in c])[a:b], np.concatenate([i for _, i in c])[a:b])
+            for c in chunks]
+
+
 def _mine_task(
-    block: mine.PairBlock, out_path: str, parts: list, offsets: list[int], vecs_path: str,
-    hash_path: str, doc_ids_path: str, mcfg: MineConfig, seed: int,
+    block: mine.PairBlock, out_path: str, chunks: list, rows: tuple[int, int], offsets: list[int],
+    vecs_path: str, hash_path: str, doc_ids_path: str, mcfg: MineConfig, seed: int,
 ) -> str:
     path = Path(out_path)
     if path.exists():
         return out_path
+    parts = _block_rows(chunks, rows)
     doc_vecs = np.load(vecs_path, mmap_mode="r")
     doc_hash = np.load(hash_path, mmap_mode="r")
     doc_ids = pq.ParquetFile(doc_ids_path).read().column("doc_id").to_pylist()
@@ -250,6 +258,49 @@ def _forbidden_path(path: Path) -> Path:
     return path.with_name(path.stem + ".forbidden.parquet")
 
 
+class _SearchGrid:
+    """Search tasks over fixed chunks of ``index.query_block`` queries, counted over the queries
+    of all blocks in order: a query's hits never depend on which other queries share its mining
+    block (BLAS sums a distance in an order set by how many queries share the call), and a chunk
+    two small blocks share is searched once. Tasks are submitted on first use."""
+
+    def __init__(self, workers: Workers, blocks: list[mine.PairBlock], shard_paths: list[Path],
+                 homes: list[str], icfg: IndexConfig, k: int, key: str):
+        self.workers, self.shard_paths, self.homes, self.icfg, self.k, self.key = (
+            workers, shard_paths, homes, icfg, k, key)
+        self.blocks, self.grid = blocks, icfg.query_block
+        self.ends = np.cumsum([len(b.query_ids) for b in blocks], dtype=np.int64)
+        self.chunks: dict[int, list] = {}
+
+    def _queries(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of all blocks' query vectors stacked."""
+        first = int(np.searchsorted(self.ends, start, side="right"))
+        last = int(np.searchsorted(self.ends, stop - 1, side="right"))
+        vecs = np.concatenate([b.query_vecs for b in self.blocks[first : last + 1]])
+        offset = int(self.ends[first - 1]) if first else 0
+        return vecs[start - offset : stop - offset]
+
+    def _chunk(self, c: int) -> list:
+        if c not in self.chunks:
+            queries = self._queries(c * self.grid, min((c + 1) * self.grid, int(self.ends[-1])))
+            self.chunks[c] = [
+                self.workers.client.submit(
+                    _search_task, queries, str(sp), self.k, self.icfg, self.workers.torch_threads,
+                    key=f"search-{self.key}-{c}-{s}", pure=False, **_home(self.homes, s),
+                )
+                for s, sp in enumerate(self.shard_paths)
+            ]
+        return self.chunks[c]
+
+    def rows(self, start: int, stop: int) -> tuple[list[list], tuple[int, int]]:
+        """Per shard the chunk futures spanning queries [start, stop), and the rows to keep of
+        the chunks joined."""
+        first, last = start // self.grid, (stop - 1) // self.grid
+        per_chunk = [self._chunk(c) for c in range(first, last + 1)]
+        chunks = [[futs[s] for futs in per_chunk] for s in range(len(self.shard_paths))]
+        return chunks, (start - first * self.grid, stop - first * self.grid)
+
+
 def _home(homes: list[str], shard: int) -> dict:
     """Submit options that prefer worker ``shard`` mod #workers (any worker if it is gone)."""
     if not homes:
@@ -273,30 +324,30 @@ def mine_pairs(
     per-shard hits into the global top-k and filters them."""
     part_dir = work_dir / "mined"
     part_dir.mkdir(parents=True, exist_ok=True)
-    settings = json.dumps([asdict(mcfg), icfg.nprobe, seed], sort_keys=True)
+    grid = icfg.query_block
+    settings = json.dumps([asdict(mcfg), icfg.nprobe, seed, {"search_grid": grid}], sort_keys=True)
     args = [str(work_dir / n) for n in ("doc_vecs.npy", "doc_hash.npy", "doc_ids.parquet")]
     shard_paths, bounds = _shard_layout(work_dir, icfg)
     offsets = [a for a, _ in bounds]
     homes = sorted(workers.client.scheduler_info()["workers"]) if len(shard_paths) > 1 else []
+    search = _SearchGrid(workers, blocks, shard_paths, homes, icfg, mcfg.top_k,
+                         content_hash([index_fp, settings, *(q for b in blocks for q in b.query_ids)]))
+    ends = np.cumsum([len(b.query_ids) for b in blocks], dtype=np.int64)
     futures, paths = [], []
-    for block in blocks:
+    for block, stop in zip(blocks, ends.tolist()):
         key = content_hash([index_fp, settings, *block.query_ids, *block.pos_ids])
         path = part_dir / f"{key}.parquet"
         paths.append(path)
         if path.exists():
             continue
-        parts = [
-            workers.client.submit(
-                _search_task, block.query_vecs, str(sp), mcfg.top_k, icfg, workers.torch_threads,
-                key=f"search-{key}-{s}", pure=False, **_home(homes, s),
-            )
-            for s, sp in enumerate(shard_paths)
-        ]
+        chunks, rows = search.rows(stop - len(block.query_ids), stop)
         futures.append(
             workers.client.submit(
-                _mine_task, block, str(path), parts, offsets, *args, mcfg, seed, key=f"mine-{key}", pure=False
+                _mine_task, block, str(path), chunks, rows, offsets, *args, mcfg, seed,
+                key=f"mine-{key}", pure=False,
             )
         )
+    del search  # a chunk's hits are freed once the mine tasks that read them finish
     log.info("mining %d query blocks: %d cached", len(blocks), len(blocks) - len(futures))
     _gather(workers, futures, "mine")
     tables, forbidden, funnel = [], [], Counter()
