@@ -79,8 +79,8 @@ def validate(config: ConfigLike = None, overrides: Sequence[str] = ()) -> dict[s
     """``curate validate``: check the config, the model folders and the dataset; run nothing.
     -> {"config": Config, "model": resolved model folder, "stats": what the reader found,
     "effective": the settings the run will decide for itself (pipelines.run.planned_settings)}."""
+    from curate import config_rules, fncheck, outdir
     from curate import embed as embed_mod
-    from curate import fncheck, outdir
     from curate.read import read_dataset
     from pipelines.run import planned_settings, resolve_data, train_pairs
 
@@ -90,6 +90,7 @@ def validate(config: ConfigLike = None, overrides: Sequence[str] = ()) -> dict[s
     fncheck.resolve_scorers(cfg)
     ds = read_dataset(resolve_data(cfg))
     pairs = train_pairs(ds, cfg)
+    config_rules.check_data(cfg, pairs.height)
     stats = {**ds.stats, "train_pairs": pairs.height, "train_queries": pairs["query_id"].n_unique()}
     return {"config": cfg, "model": model, "stats": stats, "effective": planned_settings(cfg)}
 

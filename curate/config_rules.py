@@ -97,6 +97,16 @@ def unwise(cfg: Config) -> list[Finding]:
     return out
 
 
+def check_data(cfg: Config, train_pairs: int) -> None:
+    """What the dataset makes impossible, once read (``train_pairs``: positive pairs to mine)."""
+    b = cfg.batch
+    if b.drop_last and train_pairs < b.batch_size:
+        detail = (f"batch.batch_size={b.batch_size} with batch.drop_last: the train split has "
+                  f"{train_pairs} pairs, fewer than one batch, so every row would be dropped; "
+                  "lower batch.batch_size or set batch.drop_last=false")  # fmt: skip
+        raise ConfigError(detail, ("batch.batch_size", "batch.drop_last"), "", detail)
+
+
 def check(cfg: Config) -> list[Finding]:
     """Raise a ConfigError for the first impossible combination; log the unwise ones.
     -> the warnings logged (keys, message)."""

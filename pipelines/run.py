@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from curate import ceiling, dedup, embed, fncheck, health, index, mine, outdir, shards
+from curate import ceiling, config_rules, dedup, embed, fncheck, health, index, mine, outdir, shards
 from curate.config import Config, DataConfig
 from curate.curation import (
     build_rows,
@@ -120,6 +120,7 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
     with _timed(timings, "read"):
         ds = read_dataset(resolve_data(cfg))  # validation happens before anything is written
         pairs = train_pairs(ds, cfg)
+        config_rules.check_data(cfg, pairs.height)  # before anything is written
         known = {
             q: g["doc_id"].to_list()
             for (q,), g in ds.qrels[cfg.data.train_split].filter(pl.col("score") > 0).group_by("query_id")

@@ -164,3 +164,16 @@ def test_run_refuses_remote_code_before_creating_a_folder(remote_code_folder, cr
     assert err.startswith("error: embed.model:") and "trust_remote_code" in err
     assert "Traceback" not in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_batch_larger_than_the_data_with_drop_last_is_refused(cranfield, tmp_path, capsys):
+    out = tmp_path / "never-written"
+    sets = ["--set", "data.empty_text=skip", "--set", "batch.batch_size=2000",
+            "--set", "batch.drop_last=true"]  # fmt: skip
+    for command in ("validate", "batch"):
+        assert cli.main([command, "--data", str(cranfield), "--output", str(out), "-q", *sets]) == 2
+        err = capsys.readouterr().err
+        assert "batch.batch_size=2000" in err and "batch.drop_last" in err and "1077" in err
+    assert not out.exists()
+    argv = ["validate", "--data", str(cranfield), "-q", *sets[:4]]  # without drop_last: one short batch
+    assert cli.main(argv) == 0
