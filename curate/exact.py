@@ -38,7 +38,7 @@ def _plain_f32(a: np.ndarray) -> bool:
 
 
 class ExactSearch:
-    """Top-k by inner product over ``vectors`` [N, D], held on ``device``."""
+    """Top-k by inner product over ``vectors`` [N, D] (numpy or torch), held on ``device``."""
 
     def __init__(self, vectors: np.ndarray, device: torch.device | str = "cpu",
                  dtype: torch.dtype | None = None, chunk: int = 1 << 16) -> None:  # fmt: skip
@@ -46,7 +46,9 @@ class ExactSearch:
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         n, self.dim = vectors.shape
         self._owner = vectors  # a view below points into it (e.g. a faiss index's storage)
-        if self.device.type == "cpu" and self.dtype == torch.float32 and _plain_f32(vectors):
+        if isinstance(vectors, torch.Tensor):  # e.g. generated on the device already
+            self.corpus = vectors.to(self.device, self.dtype)
+        elif self.device.type == "cpu" and self.dtype == torch.float32 and _plain_f32(vectors):
             self.corpus = torch.from_numpy(vectors)  # [N, D], no second copy on the CPU
         else:
             self.corpus = torch.empty(n, self.dim, dtype=self.dtype, device=self.device)

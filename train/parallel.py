@@ -27,13 +27,16 @@ import socket
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-import polars as pl
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from curate.errors import ConfigError
+
+if TYPE_CHECKING:  # polars only for the annotation: benchmarks/gpu_check.py runs without it
+    import polars as pl
 
 log = logging.getLogger(__name__)
 
