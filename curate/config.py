@@ -70,6 +70,8 @@ class EmbedConfig:
     # or AMX), else fp32 (docs/benchmarks.md). int8: dynamic quantisation of the linear layers (CPU only).
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
     store_dtype: Literal["float32", "float16"] = "float32"
+    # Texts per Dask task, in whole batches: batches are cut over all texts (curate/embed_plan.py),
+    # so this splits the work and never changes a vector.
     partition_size: int = field(default=1024, metadata=_range(1))
     device: Literal["auto", "cpu", "cuda"] = "auto"
     trust_remote_code: bool = False
@@ -92,6 +94,8 @@ class IndexConfig:
     # >1: one index per contiguous shard of the corpus (shared quantizer), each searched by its
     # own Dask task per query block; hits merged to the exact global top-k (flat: = unsharded).
     shards: int = field(default=1, metadata=_range(1))
+    # Queries per faiss call. Mining searches on a fixed grid of this many, whatever
+    # mine.query_partition, since BLAS scores depend in their last bits on the call's query count.
     query_block: int = field(default=4096, metadata=_range(1))
     use_gpu: Literal["auto", "never", "always"] = "auto"
     # Recall guard (approximate indexes only): recall@top_k against brute force on a sample of
