@@ -205,6 +205,9 @@ def _entry(rank: int, size: int, port: int, fn, args: tuple) -> None:
         RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
+    # A spawned process starts with no logging set up: rank 0 reports as the caller would.
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         fn(*args)
     finally:
