@@ -169,3 +169,29 @@ def test_nproc_is_train_processes():
 
     args = cli.build_parser().parse_args(["train", "--nproc", "2", "--set", "train.device=cpu"])
     assert cli._config(args).train.processes == 2
+
+
+def test_grad_scaler_path_gives_the_unscaled_loss_and_gradients(tmp_path, tiny_model):
+    # The fp16 path (GPUs without bf16) scales the loss inside GradCache; checked here on the CPU
+    # with a CPU scaler: after unscale_ the gradients are those of the plain step.
+    import polars as pl
+    from transformers import AutoModel, AutoTokenizer
+
+    shard_dir = _shards(tmp_path)
+    rows = pl.from_arrow(next(iter(trainer.iter_batches(shard_dir)))[1])
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    cfg = TrainConfig(max_length=16, chunk_size=2)
+    out = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=1024.0)):
+        model = AutoModel.from_pretrained(str(tiny_model)).eval()
+        opt = trainer.make_optimizer(cfg, list(model.parameters()), 0.05)
+        step = trainer.Stepper(cfg, trainer.encoder(model), tok, 0.05, trainer.parallel.SINGLE,
+                               torch.device("cpu"), trainer.load_forbidden(shard_dir), scaler)  # fmt: skip
+        loss, _, _ = step.backward(rows, 0)
+        if scaler is not None:
+            scaler.unscale_(opt)
+        out.append((loss, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loss_a, grads_a), (loss_b, grads_b) = out
+    assert torch.allclose(loss_a, loss_b, atol=1e-6)
+    assert len(grads_a) == len(grads_b) > 10
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b))
