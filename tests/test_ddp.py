@@ -160,3 +160,10 @@ def test_resumed_two_process_run_equals_an_uninterrupted_one(ranks):
     assert [r["loss"] for r in log_b] == [r["loss"] for r in log_a]
     assert [r["step"] for r in log_b] == [1, 2, 3, 4]
     assert {r["rows"] for r in log_a} == {4}  # the global batch, logged once
+
+
+def test_row_slices_cover_the_batch_and_refuse_a_rank_without_rows():
+    assert parallel.row_slices(5, 2) == [(0, 2), (2, 5)]
+    assert parallel.row_slices(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    with pytest.raises(ValueError, match="batch 7 has 1 rows for 2 processes"):
+        parallel.row_slices(1, 2, batch=7)
