@@ -20,8 +20,8 @@ import polars as pl
 
 
 def batch_stats(shard_dir: Path, steps: int | None = None) -> dict:
+    from curate.batch.shards import iter_batches
     from curate.config import TrainConfig
-    from curate.shards import iter_batches
     from train.train import batch_columns, batch_masks, load_forbidden
 
     forbidden, cfg = load_forbidden(shard_dir), TrainConfig()

@@ -21,7 +21,7 @@ def cranfield(split: str | None = None):
     """(doc_ids, doc_texts, query_ids, query_texts, qrels) read by curate's own reader; texts are
     joined exactly as the pipeline embeds them (``pipelines.run.doc_texts``)."""
     from curate.config import DataConfig
-    from curate.read import read_dataset
+    from curate.read.dataset import read_dataset
     from pipelines.run import doc_texts
 
     ds = read_dataset(DataConfig(path=str(CRANFIELD), empty_text="skip"))

@@ -37,7 +37,7 @@ def st_side(bf16: bool, max_length: int):
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from curate.embed import resolve_model
+    from curate.embed.encoder import resolve_model
 
     model = SentenceTransformer(str(resolve_model("all-MiniLM-L6-v2")), device="cpu")
     model.max_seq_length = max_length
@@ -54,7 +54,7 @@ def st_side(bf16: bool, max_length: int):
 
 def curate_side(dtype: str, max_length: int):
     from curate.config import EmbedConfig
-    from curate.embed import Encoder, resolve_model
+    from curate.embed.encoder import Encoder, resolve_model
 
     enc = Encoder.load(
         EmbedConfig(dtype=dtype, max_length=max_length), resolve_model("all-MiniLM-L6-v2")
@@ -67,7 +67,7 @@ class DaskSide:
 
     def __init__(self, max_length: int):
         from curate.config import ClusterConfig, EmbedConfig
-        from curate.embed import model_fingerprint, resolve_model
+        from curate.embed.encoder import model_fingerprint, resolve_model
         from pipelines.cluster import connect
 
         self.path = resolve_model("all-MiniLM-L6-v2")

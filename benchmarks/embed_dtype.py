@@ -29,7 +29,7 @@ warnings.filterwarnings("ignore")
 
 def load(mode: str, max_length: int):
     from curate.config import EmbedConfig
-    from curate.embed import Encoder, resolve_model
+    from curate.embed.encoder import Encoder, resolve_model
 
     dtype = {"bf16-autocast": "float32"}.get(mode, mode)
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype)
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--modes", default="fp32,bf16-autocast,bf16,fp16,int8")
     args = ap.parse_args()
-    from curate.evaluate import evaluate
+    from curate.eval.evaluate import evaluate
 
     doc_ids, docs, qids, queries, qrels = cranfield("test")
     test_q = sorted(set(qrels["query_id"].to_list()))

@@ -111,7 +111,7 @@ def tiny_model(root: Path) -> Path:
     """Smoke: a 2-layer random BERT with MiniLM's tokenizer (the packaged model's files)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from curate.embed import resolve_model
+    from curate.embed.encoder import resolve_model
 
     tok = AutoTokenizer.from_pretrained(str(resolve_model("all-MiniLM-L6-v2")))
     torch.manual_seed(0)
@@ -129,7 +129,7 @@ def embed_check(model: Path, texts: list[str], device: torch.device, max_length:
     from sentence_transformers import SentenceTransformer
 
     from curate.config import EmbedConfig
-    from curate.embed import Encoder
+    from curate.embed.encoder import Encoder
 
     dtype = "auto" if device.type == "cuda" else "float32"  # auto on CUDA: bf16 autocast
     budget = 1 << 18 if device.type == "cuda" else 8192
@@ -176,7 +176,7 @@ def st_torch_search(q: torch.Tensor, corpus: torch.Tensor, k: int, chunk: int):
 
 
 def mine_check(n_docs: int, n_large: int, n_queries: int, k: int, device: torch.device) -> dict:
-    from curate.exact import ExactSearch
+    from curate.index.exact import ExactSearch
 
     docs = clustered(n_docs, 384, 0, device)
     queries = clustered(n_queries, 384, 1, device).cpu().numpy()
@@ -226,7 +226,7 @@ def curate_step(model_path: Path, device: torch.device, max_length: int, chunk: 
     (train.loss.build_mask), masked InfoNCE, GradCache, clip, fused AdamW."""
     from transformers import AutoModel, AutoTokenizer
 
-    from curate.embed import pool
+    from curate.embed.encoder import pool
     from train.gradcache import gradcache_backward
     from train.loss import build_mask, info_nce
 
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or (tiny_model(Path(tmp)) if args.smoke else None)
         if model is None:
-            from curate.embed import resolve_model
+            from curate.embed.encoder import resolve_model
 
             model = resolve_model("all-MiniLM-L6-v2")
         vocab = vocabulary(Path(model))

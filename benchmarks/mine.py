@@ -45,7 +45,7 @@ def pairs():
     import polars as pl
 
     from curate.config import DataConfig
-    from curate.read import read_dataset
+    from curate.read.dataset import read_dataset
     from pipelines.run import doc_texts
 
     ds = read_dataset(DataConfig(path=str(CRANFIELD), empty_text="skip"))
@@ -61,7 +61,7 @@ def side_st(args, work: Path) -> dict:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
-    from curate.embed import resolve_model
+    from curate.embed.encoder import resolve_model
 
     t0 = time.perf_counter()
     rows, text = pairs()

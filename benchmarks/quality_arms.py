@@ -245,7 +245,7 @@ def curate_config(
 def curate_batches(shard_dir: Path, train_cfg, steps: int):
     """The first ``steps`` batches curate's trainer takes (shard order, cycling epochs) as
     (row query ids, column doc ids, the trainer's mask, own column) for in_batch_fn."""
-    from curate.shards import iter_batches
+    from curate.batch.shards import iter_batches
     from train.train import batch_columns, batch_masks, load_forbidden
 
     forbidden, done = load_forbidden(shard_dir), 0
@@ -270,7 +270,7 @@ def random_shards(bench: Bench, shard_dir: Path, batch_size: int, seed: int) -> 
     """B-curate's data: the train pairs in a seeded random order cut into batches, no negatives,
     no known positives (so the trainer masks nothing but repeated columns)."""
     from curate import schema
-    from curate.shards import manifest_path, write_json, write_shards
+    from curate.batch.shards import manifest_path, write_json, write_shards
 
     order = np.random.default_rng(seed).permutation(len(bench.pairs))
     pairs = [bench.pairs[i] for i in order]

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from curate.batch.dedup import add_text_hash, canonical_ids
 from curate.config import DataConfig, EmbedConfig
-from curate.dedup import add_text_hash, canonical_ids
-from curate.embed import Encoder
-from curate.evaluate import evaluate
-from curate.read import read_dataset
+from curate.embed.encoder import Encoder
+from curate.eval.evaluate import evaluate
+from curate.read.dataset import read_dataset
 from pipelines.run import doc_texts
 
 

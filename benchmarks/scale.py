@@ -31,7 +31,7 @@ import numpy as np
 from common import TreeMemory, machine
 
 from curate.config import IndexConfig
-from curate.index import choose_factory, merge_topk, search, set_search_params, trained_index
+from curate.index.build import choose_factory, merge_topk, search, set_search_params, trained_index
 
 log = logging.getLogger("scale")
 

@@ -44,8 +44,8 @@ def build_data(root: Path, steps: int, batch: int, seed: int) -> tuple[Path, Pat
     import pyarrow as pa
 
     from curate import schema
-    from curate.export import to_sentence_transformers
-    from curate.shards import write_manifest, write_shards
+    from curate.batch.export import to_sentence_transformers
+    from curate.batch.shards import write_manifest, write_shards
 
     rows = cranfield_rows(steps * batch, seed).to_dicts()
     for i, r in enumerate(rows):
@@ -131,7 +131,7 @@ def run_st(root: Path, steps: int, batch: int) -> dict:
     )
     from transformers import TrainerCallback
 
-    from curate.export import ShardOrderSampler
+    from curate.batch.export import ShardOrderSampler
 
     t0 = time.perf_counter()
     torch.manual_seed(0)

@@ -79,9 +79,10 @@ def validate(config: ConfigLike = None, overrides: Sequence[str] = ()) -> dict[s
     """``curate validate``: check the config, the model folders and the dataset; run nothing.
     -> {"config": Config, "model": resolved model folder, "stats": what the reader found,
     "effective": the settings the run will decide for itself (pipelines.run.planned_settings)}."""
-    from curate import config_rules, fncheck, outdir
-    from curate import embed as embed_mod
-    from curate.read import read_dataset
+    from curate import config_rules, outdir
+    from curate.embed import encoder as embed_mod
+    from curate.mine import fncheck
+    from curate.read.dataset import read_dataset
     from pipelines.run import planned_settings, resolve_data, train_pairs
 
     cfg = as_config(config, overrides)
@@ -97,7 +98,7 @@ def validate(config: ConfigLike = None, overrides: Sequence[str] = ()) -> dict[s
 
 def write_report(out: str | Path, path: str | Path | None = None) -> Path:
     """``curate report OUTDIR``: write OUTDIR/report.html (or ``path``); -> its path."""
-    from curate.report import write_report as write
+    from curate.report.page import write_report as write
 
     return write(out, path)
 
@@ -129,10 +130,10 @@ def export(
     ``num_negatives`` negatives (default: the run's mine.num_negatives); rows short of them are
     dropped or filled (``short``: drop | repeat, see curate.export) -> the counts, with ``path``
     (the export) and ``counts`` (the file beside it that holds them)."""
-    from curate import export as exp
     from curate import outdir
+    from curate.batch import export as exp
+    from curate.batch.shards import read_manifest
     from curate.errors import CurateError
-    from curate.shards import read_manifest
 
     shard_dir = Path(run_dir) / "shards"
     read_manifest(shard_dir)  # no manifest (or an old one): say so before writing anything

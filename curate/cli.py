@@ -127,7 +127,7 @@ def _print_result(result: dict) -> None:
             "later stages reuse it)"
         )
     if "shards" in result:
-        from curate.shards import manifest_path
+        from curate.batch.shards import manifest_path
 
         print(f"shards:   {result['shards']}  (manifest: {manifest_path(result['shards'])})")
         funnel = result["manifest"]["funnel"]

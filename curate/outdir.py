@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from curate import shards
+from curate.batch import shards
 from curate.errors import OutputDirError
 
 log = logging.getLogger(__name__)

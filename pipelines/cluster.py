@@ -128,6 +128,6 @@ def connect(cfg: ClusterConfig, quiet: bool = False, texts: int | None = None) -
         client.close()
         cluster.close()
         if in_process(cfg, texts):  # its tasks cached the model in this process: free it
-            from curate.embed import drop_encoders
+            from curate.embed.encoder import drop_encoders
 
             drop_encoders()

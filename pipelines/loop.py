@@ -19,9 +19,10 @@ import json
 import logging
 from pathlib import Path
 
-from curate import embed, health, outdir
+from curate import health, outdir
+from curate.batch.shards import write_json
 from curate.config import Config
-from curate.shards import write_json
+from curate.embed import encoder as embed
 from pipelines.run import resolve_data, run
 
 log = logging.getLogger(__name__)

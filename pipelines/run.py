@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from curate import ceiling, config_rules, dedup, embed, fncheck, health, index, mine, outdir, shards
-from curate.config import Config, DataConfig
-from curate.curation import (
+from curate import config_rules, health, outdir
+from curate.batch import dedup, shards
+from curate.batch.curation import (
     build_rows,
     canonical_forbidden,
     funnel_balance,
@@ -27,8 +27,13 @@ from curate.curation import (
     shard_funnel,
     shard_table,
 )
-from curate.evaluate import evaluate
-from curate.read import Dataset, read_dataset
+from curate.config import Config, DataConfig
+from curate.embed import encoder as embed
+from curate.eval.evaluate import evaluate
+from curate.index import build as index
+from curate.mine import ceiling, fncheck
+from curate.mine import negatives as mine
+from curate.read.dataset import Dataset, read_dataset
 from curate.text import content_hash
 from pipelines.cluster import Workers, arrow_system_allocator, connect
 from pipelines.stages import build_index_shards, embed_texts, guard_index, mine_pairs
@@ -48,7 +53,7 @@ def resolve_data(cfg: Config) -> DataConfig:
     """``data.path: demo`` -> the generated demo set (written once under the output folder)."""
     if cfg.data.path != "demo":
         return cfg.data
-    from curate.synth import write_demo_dataset
+    from curate.read.synth import write_demo_dataset
 
     folder = Path(cfg.output_dir) / "demo-data"
     if not (folder / "corpus.jsonl").is_file():

@@ -15,10 +15,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate import embed, embed_plan, faults, index, mine, schema
+from curate import faults, schema
+from curate.batch.shards import write_table
 from curate.config import EmbedConfig, IndexConfig, MineConfig
+from curate.embed import encoder as embed
+from curate.embed import plan as embed_plan
+from curate.index import build as index
+from curate.mine import negatives as mine
 from curate.progress import track
-from curate.shards import write_table
 from curate.text import content_hash
 from pipelines.cluster import Workers
 
@@ -151,7 +155,7 @@ def build_index_shards(workers: Workers, work_dir: Path, icfg: IndexConfig, seed
 
 def guard_index(work_dir: Path, queries: np.ndarray, k: int, icfg: IndexConfig, seed: int):
     """``recall.guard`` on the whole (possibly sharded) index -> (nprobe, manifest record)."""
-    from curate import recall
+    from curate.index import recall
 
     if icfg.shards == 1:
         return recall.guard_work_dir(work_dir, queries, k, icfg, seed)

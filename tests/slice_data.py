@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from curate.shards import MANIFEST
+from curate.batch.shards import MANIFEST
 
 # Ids that look like paths: they must flow through every stage without ever naming a file.
 PATH_LIKE_DOC = "../../escape/doc"

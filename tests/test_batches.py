@@ -8,10 +8,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from curate.batches import Row, compose
+from curate.batch.compose import Row, compose
+from curate.batch.dedup import add_text_hash, canonical_ids, remap, semantic_duplicates
+from curate.batch.topics import cluster, n_topics_for
 from curate.config import BatchConfig
-from curate.dedup import add_text_hash, canonical_ids, remap, semantic_duplicates
-from curate.topics import cluster, n_topics_for
 
 
 def row(pos: str, negs: str = "", known: str = "", topic: int = 0) -> Row:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from slice_data import pipeline_config
 
-from curate import ceiling
-from curate.ceiling import GRID, calibrate
+from curate.batch.shards import read_manifest
 from curate.config import MineConfig, config_from_dict
-from curate.shards import read_manifest
+from curate.mine import ceiling
+from curate.mine.ceiling import GRID, calibrate
 from pipelines.run import run
 
 # The query is e0, so a doc's score is its first coordinate. Query 0 knows docs 0 (0.9) and

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from slice_data import pipeline_config, write_slice
 
+from curate.batch.shards import read_manifest
 from curate.config import config_from_dict
-from curate.shards import read_manifest
 from pipelines.run import run
 
 NUM_NEGATIVES = 4

@@ -22,7 +22,8 @@ import pytest
 import yaml
 from slice_data import PATH_LIKE_DOC, PATH_LIKE_QUERY, output_bytes, pipeline_config, write_slice
 
-from curate import faults, schema, shards
+from curate import faults, schema
+from curate.batch import shards
 from curate.config import config_from_dict
 from pipelines import run as run_mod
 from pipelines.cluster import Workers

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 import train.train as trainer
-from curate import schema, shards
+from curate import schema
+from curate.batch import shards
 from curate.config import EmbedConfig, TrainConfig
 from train import parallel
 

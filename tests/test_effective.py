@@ -10,8 +10,8 @@ import pytest
 from slice_data import pipeline_config, write_slice
 
 from curate import cli
+from curate.batch.shards import read_manifest
 from curate.config import config_from_dict
-from curate.shards import read_manifest
 from pipelines.run import effective_settings, run
 
 

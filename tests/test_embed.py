@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from curate import embed_plan
 from curate.config import ClusterConfig, EmbedConfig
-from curate.embed import (
+from curate.embed import plan as embed_plan
+from curate.embed.encoder import (
     Encoder,
     model_fingerprint,
     resolve_dtype,
@@ -121,7 +121,7 @@ def test_bf16_on_cpu_stays_close_to_fp32(tiny_model):
 
 
 def test_resolve_dtype():
-    from curate.embed import cpu_has_native_bf16
+    from curate.embed.encoder import cpu_has_native_bf16
 
     assert resolve_dtype("auto", "cpu") == ("bfloat16" if cpu_has_native_bf16() else "float32")
     assert resolve_dtype("int8", "cpu") == "int8"

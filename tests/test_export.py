@@ -12,10 +12,10 @@ import pyarrow as pa
 import pytest
 
 from curate import cli, schema
+from curate.batch.export import ShardOrderSampler, to_flagembedding, to_sentence_transformers
+from curate.batch.shards import MANIFEST, iter_batches, read_manifest, write_manifest, write_shards
 from curate.config import config_from_dict
 from curate.errors import CurateError
-from curate.export import ShardOrderSampler, to_flagembedding, to_sentence_transformers
-from curate.shards import MANIFEST, iter_batches, read_manifest, write_manifest, write_shards
 from pipelines.run import run
 
 NUM_NEGATIVES = 2
@@ -167,7 +167,7 @@ def test_sentence_transformers_trains_with_mnrl_on_all_negatives(shard_dir, tmp_
     assert [len(b) for b in batches] == sampler.batch_sizes
     assert [i for b in batches for i in b] == list(range(ds.num_rows))
 
-    from curate.embed import resolve_model
+    from curate.embed.encoder import resolve_model
 
     model = SentenceTransformer(str(resolve_model("all-MiniLM-L6-v2")), device="cpu")
     model.max_seq_length = 32

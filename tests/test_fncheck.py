@@ -12,10 +12,10 @@ import pyarrow as pa
 import pytest
 
 from curate import schema
+from curate.batch.curation import build_rows
 from curate.config import config_from_dict
-from curate.curation import build_rows
-from curate.fncheck import apply, band_entries, check_false_negatives, rescore
-from curate.scorer import PairScores, load
+from curate.mine.fncheck import apply, band_entries, check_false_negatives, rescore
+from curate.mine.scorer import PairScores, load
 
 
 def mined_table(rows: list[tuple]) -> pl.DataFrame:

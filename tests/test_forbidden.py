@@ -9,10 +9,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate import dedup, schema
+from curate import schema
+from curate.batch import dedup
+from curate.batch.shards import iter_batches, read_manifest
 from curate.config import config_from_dict
-from curate.read import Dataset
-from curate.shards import iter_batches, read_manifest
+from curate.read.dataset import Dataset
 from pipelines.run import curate_stage
 from train.train import batch_columns, batch_masks, load_forbidden
 

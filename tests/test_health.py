@@ -12,7 +12,8 @@ import pytest
 import yaml
 from slice_data import pipeline_config, write_slice
 
-from curate import cli, health, shards
+from curate import cli, health
+from curate.batch import shards
 
 
 def test_embedding_health_tells_collapsed_from_healthy_vectors():

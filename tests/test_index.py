@@ -8,7 +8,7 @@ import pytest
 
 from curate.config import IndexConfig
 from curate.errors import ConfigError
-from curate.index import build_index, choose_factory, merge_topk, search
+from curate.index.build import build_index, choose_factory, merge_topk, search
 
 FLAT = IndexConfig(factory="Flat")
 
@@ -150,7 +150,7 @@ def _same_topk(got, want) -> None:
 
 @pytest.mark.parametrize("k", [1, 10, 700])  # 700 > one corpus tile below: merged across tiles
 def test_torch_exact_equals_faiss_flat(k, monkeypatch):
-    from curate import exact
+    from curate.index import exact
 
     monkeypatch.setitem(exact.TILE_BYTES, "cpu", 4 * 7 * 300)  # tiles of 300 docs for 7 queries
     docs, queries = unit(1000, 24, 4), unit(20, 24, 5)
@@ -163,7 +163,7 @@ def test_torch_exact_equals_faiss_flat(k, monkeypatch):
 
 
 def test_torch_exact_caps_k_at_corpus_and_searches_a_flat_index_file(tmp_path):
-    from curate import index as idx
+    from curate.index import build as idx
     from pipelines.stages import _search_task
 
     docs, queries = unit(50, 8, 6), unit(4, 8, 7)
@@ -178,7 +178,7 @@ def test_torch_exact_caps_k_at_corpus_and_searches_a_flat_index_file(tmp_path):
 
 
 def test_faiss_gpu_above_its_k_cap_falls_back_to_cpu(caplog):
-    from curate.index import GPU_MAX_K, gpu_for_k
+    from curate.index.build import GPU_MAX_K, gpu_for_k
 
     assert gpu_for_k(True, GPU_MAX_K) and not gpu_for_k(False, 10)
     with caplog.at_level("WARNING"):

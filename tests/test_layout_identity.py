@@ -46,7 +46,7 @@ def _sha(data: bytes) -> str:
 def output_hashes(out: Path, folders: dict[str, str]) -> dict[str, str]:
     """sha256 of every shard file, forbidden.parquet, the normalised manifest and the weights.
     ``folders``: this machine's paths (model, data) -> the placeholder they hash as."""
-    from curate.shards import MANIFEST
+    from curate.batch.shards import MANIFEST
 
     got = {p.name: _sha(p.read_bytes()) for p in sorted((out / "shards").glob("*.parquet"))}
     got["forbidden.parquet"] = _sha((out / "forbidden.parquet").read_bytes())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from curate.batch.shards import MANIFEST
 from curate.config import config_from_dict
-from curate.shards import MANIFEST
 from pipelines.loop import format_table, loop
 
 

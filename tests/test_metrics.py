@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from curate.metrics import evaluate_run
+from curate.eval.metrics import evaluate_run
 
 
 def brute_force(run, qrels, k_ndcg=10, k_recall=100, k_mrr=10):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from curate.config import MineConfig
-from curate.mine import FALSE_NEGATIVE_REASONS, PairBlock, mine_block
+from curate.mine.negatives import FALSE_NEGATIVE_REASONS, PairBlock, mine_block
 
 S = math.sqrt(1 - 0.99**2)
 DOCS = np.array(

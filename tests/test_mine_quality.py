@@ -16,11 +16,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from curate.batch.shards import read_manifest
 from curate.config import MineConfig, TrainConfig, config_from_dict
-from curate.fncheck import mining_quality
-from curate.mine import PairBlock, _ngram_duplicates, load_doc_texts, mine_block, write_doc_texts
-from curate.scorer import load
-from curate.shards import read_manifest
+from curate.mine.fncheck import mining_quality
+from curate.mine.negatives import (
+    PairBlock,
+    _ngram_duplicates,
+    load_doc_texts,
+    mine_block,
+    write_doc_texts,
+)
+from curate.mine.scorer import load
 from curate.text import ngram_overlap, ngrams, normalise
 from pipelines.run import run
 from train.train import batch_columns, batch_masks, load_forbidden

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from slice_data import pipeline_config, write_slice
 
-from curate import cli, faults, outdir, schema, shards
+from curate import cli, faults, outdir, schema
+from curate.batch import shards
 from curate.config import config_from_dict
 from curate.errors import OutputDirError
 from pipelines.run import run
@@ -95,7 +96,7 @@ def test_a_lookalike_report_json_is_not_a_curate_sign(tmp_path):
 
 
 def test_the_demo_data_curate_wrote_is_its_own(tmp_path):
-    from curate.synth import write_demo_dataset
+    from curate.read.synth import write_demo_dataset
 
     write_demo_dataset(tmp_path / "run" / "demo-data", seed=0)
     assert outdir.curate_sign(tmp_path / "run") == "demo-data/"

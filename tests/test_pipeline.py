@@ -9,8 +9,8 @@ import pytest
 from slice_data import output_bytes
 
 from curate import schema
+from curate.batch.shards import read_manifest
 from curate.config import config_from_dict
-from curate.shards import read_manifest
 from pipelines.run import run
 
 
@@ -77,7 +77,7 @@ def test_rerun_from_scratch_in_process_is_byte_identical(first_run, tmp_path, cr
     cfg["cluster"] = {"workers": "in_process"}
     run(config_from_dict(cfg))
     assert output_bytes(tmp_path, DIFFER_BY_DESIGN) == output_bytes(out, DIFFER_BY_DESIGN)
-    from curate.embed import _ENCODERS
+    from curate.embed.encoder import _ENCODERS
 
     assert not _ENCODERS  # the worker's model went with its cluster
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from curate.config import ColumnsConfig, DataConfig
 from curate.errors import DataError
-from curate.read import Dataset, read_dataset, read_table
+from curate.read.dataset import Dataset, read_dataset, read_table
 
 CRANFIELD = Path(__file__).parents[2] / "shared/data/cranfield"
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from curate.config import EmbedConfig, IndexConfig
-from curate.embed import Encoder
-from curate.index import build_index, search
-from curate.recall import RecallError, exact_search, guard, is_exact, max_probe, recall_at_k
+from curate.embed.encoder import Encoder
+from curate.index.build import build_index, search
+from curate.index.recall import RecallError, exact_search, guard, is_exact, max_probe, recall_at_k
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -22,15 +22,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from slice_data import pipeline_config, write_slice
 
-from curate import embed, index
 from curate.config import DataConfig, EmbedConfig, config_from_dict
+from curate.embed import encoder as embed
 from curate.errors import (
     ConfigError,
     DataError,
     NonFiniteEmbeddingError,
     StageMismatchError,
 )
-from curate.read import read_dataset, read_table
+from curate.index import build as index
+from curate.read.dataset import read_dataset, read_table
 from pipelines.run import run
 
 DOCS = [{"_id": "d1", "title": "wings", "text": "lift on a wing"}, {"_id": "d2", "text": "drag"}]

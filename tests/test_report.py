@@ -14,10 +14,11 @@ import yaml
 from PIL import Image
 
 from curate import cli
+from curate.batch.shards import MANIFEST
 from curate.errors import CurateError
-from curate.report import SECTIONS, load_run, render, write_report
-from curate.report_sections import funnel_rows
-from curate.shards import MANIFEST
+from curate.report.data import load_run
+from curate.report.page import SECTIONS, render, write_report
+from curate.report.sections import funnel_rows
 
 PNG = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 

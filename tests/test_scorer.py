@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from curate.config import EmbedConfig
-from curate.embed import Encoder
+from curate.embed.encoder import Encoder
 from curate.errors import ConfigError
-from curate.scorer import CrossEncoderScorer, PairScores, load, relevance, resolve
+from curate.mine.scorer import CrossEncoderScorer, PairScores, load, relevance, resolve
 
 
 @pytest.fixture(scope="module")

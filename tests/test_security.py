@@ -15,8 +15,10 @@ import pytest
 import torch
 
 import train.train as trainer
-from curate import embed, schema, shards
+from curate import schema
+from curate.batch import shards
 from curate.config import EmbedConfig, TrainConfig, load_config
+from curate.embed import encoder as embed
 from curate.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

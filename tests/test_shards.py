@@ -10,8 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate import schema
-from curate.errors import CurateError
-from curate.shards import (
+from curate.batch.shards import (
     MANIFEST,
     iter_batches,
     manifest_path,
@@ -19,6 +18,7 @@ from curate.shards import (
     write_manifest,
     write_shards,
 )
+from curate.errors import CurateError
 
 BATCH_SIZES = [2, 3, 1, 2, 2]  # 5 batches, 10 rows
 

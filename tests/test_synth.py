@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from curate.synth import QUERY_TEMPLATES, build_demo, write_demo_dataset
+from curate.read.synth import QUERY_TEMPLATES, build_demo, write_demo_dataset
 
 FILES = ["README.md", "corpus.jsonl", "queries.jsonl", "qrels/train.tsv", "qrels/test.tsv"]
 

@@ -31,10 +31,10 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from curate.batch.shards import iter_batches, read_manifest
 from curate.config import EmbedConfig, TrainConfig
-from curate.embed import pool, pretrained
+from curate.embed.encoder import pool, pretrained
 from curate.progress import track
-from curate.shards import iter_batches, read_manifest
 from train import parallel
 from train.gradcache import gradcache_backward, plain_backward
 from train.loss import (
@@ -443,7 +443,7 @@ def follow_run(cfg) -> Path:
     """A torchrun rank other than 0 under ``curate train``/``run``: rank 0 runs the stages before
     training (and evaluation after), this rank joins it for training only. It waits in the
     process group's rendezvous, which rank 0 enters once its shards are written."""
-    from curate.embed import resolve_model
+    from curate.embed.encoder import resolve_model
 
     world = parallel.world_from_env()
     parallel.init(world, parallel.resolve_device(cfg.train.device, world), STAGES_WAIT)
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from curate import api
-    from curate.embed import resolve_model
+    from curate.embed.encoder import resolve_model
 
     parser = argparse.ArgumentParser(prog="python -m train.train", description=main.__doc__)
     parser.add_argument("config", nargs="?", help="YAML config of the run (default: built-in)")

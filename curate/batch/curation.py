@@ -9,10 +9,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate import schema, topics
-from curate.batches import Row, compose
+from curate import schema
+from curate.batch import topics
+from curate.batch.compose import Row, compose
+from curate.batch.dedup import remap
 from curate.config import BatchConfig
-from curate.dedup import remap
 
 
 def canonical_forbidden(forbidden: pa.Table, canon: dict[str, str]) -> pa.Table:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from curate.batch.shards import iter_batches, read_manifest, write_json, write_table
 from curate.errors import CurateError
-from curate.shards import iter_batches, read_manifest, write_json, write_table
 
 log = logging.getLogger(__name__)
 

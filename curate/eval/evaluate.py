@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from curate import index
 from curate.config import IndexConfig
-from curate.metrics import evaluate_run
+from curate.eval.metrics import evaluate_run
+from curate.index import build as index
 
 
 def qrels_dict(qrels: pl.DataFrame) -> dict[str, dict[str, float]]:

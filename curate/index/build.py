@@ -187,7 +187,7 @@ def flat_vectors(index: faiss.Index) -> np.ndarray:
 def torch_exact(index: faiss.Index, pref: str):
     """A ``curate.exact.ExactSearch`` over a flat index's vectors, on CUDA unless ``pref`` is
     never (index.use_gpu) or torch sees no GPU."""
-    from curate.exact import ExactSearch, exact_device
+    from curate.index.exact import ExactSearch, exact_device
 
     return ExactSearch(flat_vectors(index), exact_device(pref))
 

@@ -20,9 +20,9 @@ import logging
 import faiss
 import numpy as np
 
-from curate import index as index_mod
 from curate.config import IndexConfig
 from curate.errors import CurateError
+from curate.index import build as index_mod
 
 log = logging.getLogger(__name__)
 

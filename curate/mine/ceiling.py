@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from curate.config import MineConfig
-from curate.mine import CEILING_FROM
-from curate.recall import exact_search
+from curate.index.recall import exact_search
+from curate.mine.negatives import CEILING_FROM
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ from collections.abc import Mapping
 import polars as pl
 import pyarrow as pa
 
-from curate import schema, scorer
+from curate import schema
 from curate.config import Config, FnCheckConfig
+from curate.mine import scorer
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from typing import Protocol
 
 import numpy as np
 
-from curate import embed
 from curate.config import EmbedConfig
+from curate.embed import encoder as embed
 from curate.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -3,18 +3,16 @@
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
 from curate import health
+from curate.report import markup as mk
 
 if TYPE_CHECKING:
-    from curate.report import RunData
+    from curate.report.data import RunData
 
 # Funnel order: candidates, the likely-false-negative drops (forbidden, masked in training), the
 # other drops, kept. Reasons not listed here (added by later versions) go before not_selected.
@@ -42,58 +40,11 @@ STAGE_ORDER = (
 METRICS = ("ndcg@10", "recall@100", "mrr@10")
 COLORS = {"pos": "#2ca02c", "neg": "#1f77b4", "drop": "#d62728", "all": "#7f7f7f"}
 
-# --- HTML and figure helpers --------------------------------------------------------------
-
-
-def _e(x) -> str:
-    return html.escape(str(x))
-
-
-def _num(x) -> str:
-    if isinstance(x, float) and x.is_integer() and abs(x) >= 1:
-        x = int(x)
-    if isinstance(x, float):
-        return f"{x:.4f}" if abs(x) < 10 else f"{x:,.1f}"
-    return f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else _e(x)
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_num(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{_e(text)}</p>'
-
-
-def _integer_ticks(ax) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def _figure(ncols: int = 1, width: float = 6.0, height: float = 3.4):
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
-    fig = Figure(figsize=(width * ncols, height), dpi=100)
-    axes = fig.subplots(1, ncols, squeeze=False)[0]
-    return fig, list(axes)
-
-
-def _img(fig, alt: str) -> str:
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    src = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{src}">'
-
-
 # --- sections ------------------------------------------------------------------------------
 
 
 def overview(d: RunData) -> str:
-    parts = [f'<p class="sub">run folder <code>{_e(d.run_dir)}</code></p>']
+    parts = [f'<p class="sub">run folder <code>{mk.esc(d.run_dir)}</code></p>']
     counts = (d.manifest or {}).get("counts") or (d.report or {}).get("manifest", {}).get(
         "counts", {}
     )
@@ -114,11 +65,11 @@ def overview(d: RunData) -> str:
             ["model", cfg.get("embed", {}).get("model", "?")],
             ["seed", d.manifest.get("seed", "?")],
         ]
-    tables = [_table(["", "value"], rows) if rows else _note("no shard manifest in this run")]
+    tables = [mk.table(["", "value"], rows) if rows else mk.note("no shard manifest in this run")]
     used = (d.manifest or {}).get("effective") or []
     if used:  # settings the run changed from the config (calibrated ceiling, raised nprobe, ...)
         tables.append(
-            _table(["setting", "configured", "used", "why"],
+            mk.table(["setting", "configured", "used", "why"],
                    [[e.get("key"), e.get("configured"), e.get("used"), e.get("why")] for e in used])
         )  # fmt: skip
     timings = (d.report or {}).get("timings")
@@ -127,7 +78,7 @@ def overview(d: RunData) -> str:
         rows = [[k, f"{timings[k]:.1f}"] for k in order] + [
             ["total", f"{sum(timings.values()):.1f}"]
         ]
-        tables.append(_table(["stage", "seconds"], rows))
+        tables.append(mk.table(["stage", "seconds"], rows))
     return "".join(parts) + '<div class="grid">' + "".join(tables) + "</div>"
 
 
@@ -148,10 +99,10 @@ def _funnel_color(name: str) -> str:
 def funnel_section(d: RunData) -> str:
     funnel = (d.manifest or {}).get("funnel")
     if not funnel:
-        return _note("no funnel: the run has not reached the batch stage (curate batch)")
+        return mk.note("no funnel: the run has not reached the batch stage (curate batch)")
     rows = funnel_rows(funnel)
     total = max(funnel.get("candidates", 0), 1)
-    fig, (ax,) = _figure(width=8, height=0.45 * len(rows) + 1)
+    fig, (ax,) = mk.figure(width=8, height=0.45 * len(rows) + 1)
     names = [n for n, _ in rows]
     colors = [_funnel_color(n) for n in names]
     ax.barh(names[::-1], [c for _, c in rows][::-1], color=colors[::-1])
@@ -159,7 +110,7 @@ def funnel_section(d: RunData) -> str:
         ax.text(c, i, f" {c:,} ({c / total:.1%})", va="center", fontsize=9)
     ax.set_xlabel("(query, candidate) pairs")
     ax.margins(x=0.25)
-    table = _table(
+    table = mk.table(
         ["stage", "pairs", "share of candidates", "masked in training"],
         [[n, c, f"{c / total:.1%}", "yes" if n in FORBIDDEN_REASONS else ""] for n, c in rows],
     )
@@ -173,10 +124,10 @@ def funnel_section(d: RunData) -> str:
             f"estimated false-negative rate in the uncertain band: {quality['est_false_negative_rate']:.1%}"
         )
     return (
-        _img(fig, "filter funnel")
+        mk.img(fig, "filter funnel")
         + table
-        + "".join(f"<p>{_e(t)}</p>" for t in extra)
-        + _note(
+        + "".join(f"<p>{mk.esc(t)}</p>" for t in extra)
+        + mk.note(
             "red: dropped as likely false negatives (forbidden pairs, masked by the trainer); "
             "orange: dropped by the rank window or not needed"
         )
@@ -185,7 +136,7 @@ def funnel_section(d: RunData) -> str:
 
 def scores_section(d: RunData) -> str:
     if d.shards is None or d.shards.height == 0:
-        return _note("no shards: nothing to plot")
+        return mk.note("no shards: nothing to plot")
     pos = d.shards["pos_score"].to_numpy()
     neg = d.shards["neg_scores"].explode().drop_nulls().to_numpy()
     source = ((d.manifest or {}).get("score_source") or {}).get("source", "miner")
@@ -203,7 +154,7 @@ def scores_section(d: RunData) -> str:
     ncols = 2 if source != "miner" and dropped else 1  # a teacher's scale is not the miner's
     bins = _bins(pos, neg, *(dropped.values() if ncols == 1 else ()))
     drop_bins = _bins(*dropped.values()) if ncols == 2 else bins
-    fig, axes = _figure(ncols, width=8 if ncols == 1 else 5.5, height=3.8)
+    fig, axes = mk.figure(ncols, width=8 if ncols == 1 else 5.5, height=3.8)
     ax = axes[0]
     ax.hist(
         pos,
@@ -253,9 +204,9 @@ def scores_section(d: RunData) -> str:
         "out_of_window and not_selected candidates are not stored, so they are not plotted"
     )
     return (
-        _img(fig, "score distributions")
-        + _table(["", "n", "25%", "median", "75%"], stats)
-        + "".join(_note(n) for n in notes)
+        mk.img(fig, "score distributions")
+        + mk.table(["", "n", "25%", "median", "75%"], stats)
+        + "".join(mk.note(n) for n in notes)
     )
 
 
@@ -271,17 +222,17 @@ def _quartiles(v: np.ndarray) -> list:
 
 def topics_section(d: RunData) -> str:
     if d.shards is None or d.shards.height == 0:
-        return _note("no shards: no topics")
+        return mk.note("no shards: no topics")
     sizes = (
         d.shards.group_by("topic")
         .agg(pl.col("query_id").n_unique().alias("queries"))
         .sort("queries", "topic", descending=[True, False])
     )
     q = sizes["queries"].to_numpy()
-    fig, (ax,) = _figure(width=8)
+    fig, (ax,) = mk.figure(width=8)
     ax.bar(np.arange(len(q)), q, width=0.9 if len(q) < 100 else 1.0, color=COLORS["neg"])
     ax.set_xlabel("topic cluster (largest first)")
-    _integer_ticks(ax)
+    mk.integer_ticks(ax)
     ax.set_ylabel("training queries")
     rows = [
         ["topics", len(q)],
@@ -289,7 +240,7 @@ def topics_section(d: RunData) -> str:
         ["median", float(np.median(q))],
         ["smallest", int(q.min())],
     ]
-    return _img(fig, "topic cluster sizes") + _table(["", "queries per topic"], rows)
+    return mk.img(fig, "topic cluster sizes") + mk.table(["", "queries per topic"], rows)
 
 
 def batch_stats(shards: pl.DataFrame) -> pl.DataFrame:
@@ -306,10 +257,10 @@ def batch_stats(shards: pl.DataFrame) -> pl.DataFrame:
 
 def batches_section(d: RunData) -> str:
     if d.shards is None or d.shards.height == 0:
-        return _note("no shards: no batches")
+        return mk.note("no shards: no batches")
     st = batch_stats(d.shards)
     masked = np.array([r["masked_fraction"] for r in d.train_log if "masked_fraction" in r])
-    fig, axes = _figure(2 if len(masked) else 1, width=5.5 if len(masked) else 8)
+    fig, axes = mk.figure(2 if len(masked) else 1, width=5.5 if len(masked) else 8)
     ax = axes[0]
     ax.bar(
         st["batch_id"].to_numpy(),
@@ -326,13 +277,13 @@ def batches_section(d: RunData) -> str:
         label="unique docs",
     )
     ax.set_xlabel("batch")
-    _integer_ticks(ax)
+    mk.integer_ticks(ax)
     ax.set_ylabel("documents per batch")
     ax.legend(fontsize=8)
     if len(masked):
         axes[1].plot(np.arange(1, len(masked) + 1), masked, color=COLORS["drop"])
         axes[1].set_xlabel("training step (= batch, in shard order)")
-        _integer_ticks(axes[1])
+        mk.integer_ticks(axes[1])
         axes[1].set_ylabel("masked fraction of the denominator")
         axes[1].set_ylim(bottom=0)
     u = st["unique_docs"].to_numpy()
@@ -351,24 +302,24 @@ def batches_section(d: RunData) -> str:
     if len(masked):
         rows.append(["masked fraction (mean over steps)", float(masked.mean())])
     note = (
-        "" if len(masked) else _note("no training log: masked fraction is measured while training")
+        "" if len(masked) else mk.note("no training log: masked fraction is measured while training")
     )
-    return _img(fig, "batch statistics") + _table(["", "value"], rows) + note
+    return mk.img(fig, "batch statistics") + mk.table(["", "value"], rows) + note
 
 
 def training_section(d: RunData) -> str:
     if not d.train_log:
-        return _note("no training log (model/train_log.jsonl): run `curate train`")
+        return mk.note("no training log (model/train_log.jsonl): run `curate train`")
     steps = np.array([r["step"] for r in d.train_log])
-    fig, axes = _figure(2, width=5.5)
+    fig, axes = mk.figure(2, width=5.5)
     axes[0].plot(steps, [r["loss"] for r in d.train_log], label="loss")
     axes[0].plot(steps, [r.get("mi_bound", np.nan) for r in d.train_log], label="MI lower bound")
     axes[0].set_xlabel("step")
     axes[0].legend(fontsize=8)
     axes[1].plot(steps, [r.get("examples_per_s", np.nan) for r in d.train_log], color="#9467bd")
     axes[1].set_xlabel("step")
-    _integer_ticks(axes[0])
-    _integer_ticks(axes[1])
+    mk.integer_ticks(axes[0])
+    mk.integer_ticks(axes[1])
     axes[1].set_ylabel("examples / s")
     last = d.train_log[-1]
     loss = health.loss_summary(d.train_log)
@@ -384,8 +335,8 @@ def training_section(d: RunData) -> str:
         ["last step's loss" + short, float(last["loss"])],
         ["temperature", float(last.get("temperature", np.nan))],
     ]  # fmt: skip
-    note = _note("a short batch has fewer in-batch negatives: its loss is on a lower scale")
-    return _img(fig, "training curves") + _table(["", "value"], rows) + (note if short else "")
+    note = mk.note("a short batch has fewer in-batch negatives: its loss is on a lower scale")
+    return mk.img(fig, "training curves") + mk.table(["", "value"], rows) + (note if short else "")
 
 
 def evaluation_section(d: RunData) -> str:
@@ -400,17 +351,17 @@ def evaluation_section(d: RunData) -> str:
             change = [f"{vals[1] - vals[0]:+.4f}"] if len(vals) == 2 else []
             rows.append([m, *(f"{v:.4f}" for v in vals), *change])
         if d.run_dir != d.out:  # a loop folder: the sections show its latest round
-            parts.append(_note(f"{d.run_dir.name}: 'base' is the model the round started from"))
+            parts.append(mk.note(f"{d.run_dir.name}: 'base' is the model the round started from"))
         queries = ev[names[0]].get("queries") if names else None
         parts.append(
-            _table(header, rows) + (f"<p>{queries:,} held-out queries</p>" if queries else "")
+            mk.table(header, rows) + (f"<p>{queries:,} held-out queries</p>" if queries else "")
         )
     else:
         parts.append(
-            _note("no evaluation in report.json: run `curate eval` (needs data.eval_split)")
+            mk.note("no evaluation in report.json: run `curate eval` (needs data.eval_split)")
         )
     if d.rounds:
-        fig, (ax,) = _figure(width=7)
+        fig, (ax,) = mk.figure(width=7)
         r = [row["round"] for row in d.rounds]
         for m in METRICS:
             ax.plot(r, [row.get(m, np.nan) for row in d.rounds], marker="o", label=m)
@@ -422,9 +373,9 @@ def evaluation_section(d: RunData) -> str:
         rows = [[row["round"], *(f"{row.get(m, np.nan):.4f}" for m in METRICS)] for row in d.rounds]
         parts.append(
             "<h3>Retrain loop</h3>"
-            + _img(fig, "per-round evaluation")
-            + _table(["round", *METRICS], rows)
+            + mk.img(fig, "per-round evaluation")
+            + mk.table(["round", *METRICS], rows)
         )
     else:
-        parts.append(_note("no retrain loop here (curate loop writes loop.json)"))
+        parts.append(mk.note("no retrain loop here (curate loop writes loop.json)"))
     return "".join(parts)
