@@ -1,5 +1,7 @@
+"""``python -m curate``: the command line, an entry point above the library (pipelines.cli)."""
+
 import sys
 
-from curate.cli import main
+from pipelines.cli import main
 
 sys.exit(main())

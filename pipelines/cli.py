@@ -2,7 +2,8 @@
 
 Stage subcommands (embed, index, mine, batch, train, eval) run the pipeline up to and including
 their stage. Every stage caches what it wrote, so ``curate mine`` then ``curate batch`` repeats
-nothing. ``curate.api`` has one function per subcommand for notebooks.
+nothing. ``curate.api`` (this package's ``api``) has one function per subcommand for
+notebooks.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import logging
 import os
 import sys
 
-from curate import api, progress
+from curate import progress
 from curate.errors import CurateError
+from pipelines import api
 
 log = logging.getLogger("curate")
 

@@ -1,4 +1,4 @@
-"""The ``curate`` command line, driven in-process through ``curate.cli.main`` (and once as
+"""The ``curate`` command line, driven in-process through ``pipelines.cli.main`` (and once as
 ``python -m curate``): help texts, validate, config errors, optional subcommands."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from curate import cli
+from pipelines import cli
 
 COMMANDS = ("run", "embed", "index", "mine", "batch", "train", "eval", "loop", "export",
             "report", "validate")  # fmt: skip

@@ -9,9 +9,9 @@ import json
 import pytest
 from slice_data import pipeline_config, write_slice
 
-from curate import cli
 from curate.batch.shards import read_manifest
 from curate.config import config_from_dict
+from pipelines import cli
 from pipelines.run import effective_settings, run
 
 

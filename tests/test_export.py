@@ -11,11 +11,12 @@ import random
 import pyarrow as pa
 import pytest
 
-from curate import cli, schema
+from curate import schema
 from curate.batch.export import ShardOrderSampler, to_flagembedding, to_sentence_transformers
 from curate.batch.shards import MANIFEST, iter_batches, read_manifest, write_manifest, write_shards
 from curate.config import config_from_dict
 from curate.errors import CurateError
+from pipelines import cli
 from pipelines.run import run
 
 NUM_NEGATIVES = 2

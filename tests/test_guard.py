@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from curate import cli
+from pipelines import cli
 
 
 def _slice(

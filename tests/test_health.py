@@ -12,8 +12,9 @@ import pytest
 import yaml
 from slice_data import pipeline_config, write_slice
 
-from curate import cli, health
+from curate import health
 from curate.batch import shards
+from pipelines import cli
 
 
 def test_embedding_health_tells_collapsed_from_healthy_vectors():

@@ -45,7 +45,7 @@ def test_two_rounds_then_resume(tmp_path, cranfield, tiny_model):
 def test_a_worse_round_stops_the_loop_and_the_better_round_is_kept(tmp_path, tiny_model, capsys):
     """Rounds 1 and 2 planted as complete (their report.json): round 2 scores below round 1, so
     round 3 never runs and round 1's model is the one loop.json and the CLI name."""
-    from curate import cli
+    from pipelines import cli
 
     scores = {0: 0.30, 1: 0.40, 2: 0.35}
     for r in (1, 2):

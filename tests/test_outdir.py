@@ -15,10 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from slice_data import pipeline_config, write_slice
 
-from curate import cli, faults, outdir, schema
+from curate import faults, outdir, schema
 from curate.batch import shards
 from curate.config import config_from_dict
 from curate.errors import OutputDirError
+from pipelines import cli
 from pipelines.run import run
 
 

@@ -13,12 +13,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from curate import cli
 from curate.batch.shards import MANIFEST
 from curate.errors import CurateError
 from curate.report.data import load_run
 from curate.report.page import SECTIONS, render, write_report
 from curate.report.sections import funnel_rows
+from pipelines import cli
 
 PNG = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 

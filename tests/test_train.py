@@ -166,7 +166,7 @@ def test_checkpoint_round_trips_onto_the_parameters_device(tmp_path, tiny_model)
 
 
 def test_nproc_is_train_processes():
-    from curate import cli
+    from pipelines import cli
 
     args = cli.build_parser().parse_args(["train", "--nproc", "2", "--set", "train.device=cpu"])
     assert cli._config(args).train.processes == 2

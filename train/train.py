@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     shards of a run already batched (``curate batch CONFIG``), every rank alike."""
     import argparse
 
-    from curate import api
+    from curate.config import load_config
     from curate.embed.encoder import resolve_model
 
     parser = argparse.ArgumentParser(prog="python -m train.train", description=main.__doc__)
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = api.as_config(args.config, args.set)
+    cfg = load_config(args.config, args.set)
     out = Path(cfg.output_dir)
     final = train(out / "shards", out / "model", resolve_model(cfg.embed.model), cfg.train,
                   cfg.embed, cfg.seed)  # fmt: skip
