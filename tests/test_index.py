@@ -184,3 +184,23 @@ def test_faiss_gpu_above_its_k_cap_falls_back_to_cpu(caplog):
     with caplog.at_level("WARNING"):
         assert not gpu_for_k(True, GPU_MAX_K + 1, "shard-0")
     assert "searching shard-0 on the CPU" in caplog.text
+
+
+def test_torch_exact_keeps_the_faiss_index_it_views_alive():
+    # The CPU search views the flat index's storage without a copy; once the caller drops the
+    # index (the worker keeps only the searcher), the view must still read the vectors.
+    import gc
+
+    from curate.index.build import torch_exact
+
+    x = np.random.default_rng(0).standard_normal((5000, 32)).astype(np.float32)
+    flat = faiss.IndexFlatIP(32)
+    flat.add(x)
+    searcher = torch_exact(flat, "never")
+    del flat
+    gc.collect()
+    junk = [np.full((5000, 32), 7.0, dtype=np.float32) for _ in range(20)]  # reuse freed memory
+    D, _ = searcher.search(x[:3], 5)
+    want = np.sort(x[:3] @ x.T, axis=1)[:, ::-1][:, :5]
+    np.testing.assert_allclose(D, want, atol=1e-4)
+    assert len(junk) == 20

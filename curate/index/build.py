@@ -189,7 +189,7 @@ def torch_exact(index: faiss.Index, pref: str):
     never (index.use_gpu) or torch sees no GPU."""
     from curate.index.exact import ExactSearch, exact_device
 
-    return ExactSearch(flat_vectors(index), exact_device(pref))
+    return ExactSearch(flat_vectors(index), exact_device(pref), owner=index)
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, block: int = 4096):

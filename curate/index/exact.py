@@ -41,11 +41,14 @@ class ExactSearch:
     """Top-k by inner product over ``vectors`` [N, D] (numpy or torch), held on ``device``."""
 
     def __init__(self, vectors: np.ndarray, device: torch.device | str = "cpu",
-                 dtype: torch.dtype | None = None, chunk: int = 1 << 16) -> None:  # fmt: skip
+                 dtype: torch.dtype | None = None, chunk: int = 1 << 16,
+                 owner: object = None) -> None:  # fmt: skip
         self.device = torch.device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         n, self.dim = vectors.shape
-        self._owner = vectors  # a view below points into it (e.g. a faiss index's storage)
+        # The corpus below may be a view of memory ``vectors`` does not own (a faiss index's
+        # storage): hold the owner, or the index is freed and the view reads garbage.
+        self._owner = vectors if owner is None else owner
         if isinstance(vectors, torch.Tensor):  # e.g. generated on the device already
             self.corpus = vectors.to(self.device, self.dtype)
         elif self.device.type == "cpu" and self.dtype == torch.float32 and _plain_f32(vectors):
