@@ -19,10 +19,10 @@ CRANFIELD = DATA / "cranfield"
 
 def cranfield(split: str | None = None):
     """(doc_ids, doc_texts, query_ids, query_texts, qrels) read by curate's own reader; texts are
-    joined exactly as the pipeline embeds them (``pipelines.run.doc_texts``)."""
+    joined exactly as the pipeline embeds them (``curate.read.stage.doc_texts``)."""
     from curate.config import DataConfig
     from curate.read.dataset import read_dataset
-    from pipelines.run import doc_texts
+    from curate.read.stage import doc_texts
 
     ds = read_dataset(DataConfig(path=str(CRANFIELD), empty_text="skip"))
     qrels = ds.qrels[split] if split else None

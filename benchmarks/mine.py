@@ -46,7 +46,7 @@ def pairs():
 
     from curate.config import DataConfig
     from curate.read.dataset import read_dataset
-    from pipelines.run import doc_texts
+    from curate.read.stage import doc_texts
 
     ds = read_dataset(DataConfig(path=str(CRANFIELD), empty_text="skip"))
     text = dict(zip(ds.corpus["doc_id"].to_list(), doc_texts(ds.corpus)))

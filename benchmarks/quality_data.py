@@ -29,7 +29,7 @@ from curate.config import DataConfig, EmbedConfig
 from curate.embed.encoder import Encoder
 from curate.eval.evaluate import evaluate
 from curate.read.dataset import read_dataset
-from pipelines.run import doc_texts
+from curate.read.stage import doc_texts
 
 
 def _base_model() -> str:

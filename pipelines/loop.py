@@ -23,7 +23,8 @@ from curate import health, outdir
 from curate.batch.shards import write_json
 from curate.config import Config
 from curate.embed import encoder as embed
-from pipelines.run import resolve_data, run
+from curate.read.stage import resolve_data
+from pipelines.run import run
 
 log = logging.getLogger(__name__)
 

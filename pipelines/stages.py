@@ -8,21 +8,25 @@ import json
 import logging
 import os
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate import faults, schema
 from curate.batch.shards import write_table
-from curate.config import EmbedConfig, IndexConfig, MineConfig
+from curate.config import Config, EmbedConfig, IndexConfig, MineConfig
 from curate.embed import encoder as embed
 from curate.embed import plan as embed_plan
 from curate.index import build as index
+from curate.index import stage as index_files
 from curate.mine import negatives as mine
+from curate.mine import stage as mine_logic
 from curate.progress import track
+from curate.records import Embedded, Indexed, Mined, Model, Read
 from curate.text import content_hash
 from pipelines.cluster import Workers
 
@@ -362,3 +366,83 @@ def mine_pairs(
         forbidden.append(pq.ParquetFile(_forbidden_path(path)).read())
         tables.append(t.replace_schema_metadata(None))
     return pa.concat_tables(tables), pa.concat_tables(forbidden), funnel
+
+
+# --- the stages on the cluster: records in, a record out (pipelines.run wires them) --------
+
+
+def embed_stage(workers: Workers, read: Read, model: Model, ecfg: EmbedConfig,
+                cache: Path) -> Embedded:
+    """Docs then queries, each cached per partition under ``cache``."""
+    q = read.dataset.queries
+    doc_ids, doc_vecs = embed_texts(workers, read.corpus["doc_id"].to_list(), read.texts,
+                                    ecfg.doc_prefix, model.path, model.fingerprint, ecfg,
+                                    cache / "docs")
+    q_ids, q_vecs = embed_texts(workers, q["query_id"].to_list(), q["text"].to_list(),
+                                ecfg.query_prefix, model.path, model.fingerprint, ecfg,
+                                cache / "queries")
+    return Embedded(doc_ids, doc_vecs, q_ids, q_vecs)  # fmt: skip
+
+
+def index_stage(workers: Workers, work: Path, cfg: Config, read: Read, model: Model,
+                emb: Embedded) -> str:
+    """Index plus the arrays mine tasks memory-map, skipped when the same embeddings are
+    indexed; checked against the queries' model and dimension before any search. -> its
+    fingerprint."""
+    fp = index_files.fingerprint(cfg, model, emb)
+    if not index_files.is_built(work, fp):
+        index_files.write_inputs(work, read, emb)
+        build_index_shards(workers, work, cfg.index, cfg.seed)  # one per contiguous shard
+        index_files.mark_built(work, fp, cfg, model, emb)
+    index.check_record(work, cfg.embed.model, model.fingerprint, emb.query_vecs.shape[1],
+                       len(emb.doc_ids))  # fmt: skip
+    return fp
+
+
+def guard_stage(work: Path, fp: str, cfg: Config, read: Read, emb: Embedded) -> Indexed:
+    """Approximate indexes: recall@k of the train queries against brute force (nprobe raised
+    or the run stopped below the floor)."""
+    train_q = read.pairs["query_id"].unique().to_list()
+    train_q_vecs = emb.query_vecs[np.isin(emb.query_ids, train_q)]
+    nprobe, recall = guard_index(work, train_q_vecs, cfg.mine.top_k, cfg.index, cfg.seed)
+    return Indexed(work, fp, replace(cfg.index, nprobe=nprobe), recall)
+
+
+def mine_stage(workers: Workers, cfg: Config, read: Read, emb: Embedded,
+               indexed: Indexed) -> Mined:
+    """The ceiling calibrated (when asked), then every block mined on the cluster."""
+    blocks = mine_logic.blocks(read, emb, indexed, cfg.mine.query_partition)
+    mcfg, cal = mine_logic.calibrate_ceiling(cfg, read, emb, indexed)
+    pairs, forbidden, funnel = mine_pairs(workers, blocks, indexed.work, indexed.fingerprint,
+                                          indexed.index, mcfg, cfg.seed)
+    return Mined(pairs, forbidden, funnel, read.known, mcfg, cal, {})  # fmt: skip
+
+
+def train_stage(cfg: Config, out: Path, model: Model) -> Path:
+    from train.train import train
+
+    return train(out / "shards", out / "model", model.path, cfg.train, cfg.embed, cfg.seed)
+
+
+def evaluate_stage(workers: Workers, cfg: Config, read: Read, cache: Path, model: Model,
+                   trained: str | None) -> dict:
+    """Base model and trained model side by side on the held-out split."""
+    from curate.eval.evaluate import evaluate
+
+    qrels = read.dataset.qrels[cfg.data.eval_split]
+    qids = sorted(qrels["query_id"].unique().to_list())[: cfg.eval.max_queries]
+    qrels = qrels.filter(pl.col("query_id").is_in(qids))
+    qtext = read.query_text
+    doc_ids = read.dataset.corpus["doc_id"].to_list()
+    e, results = cfg.embed, {}
+    for name, path in [("base", model.path), ("trained", trained)]:
+        if path is None:
+            continue
+        path = Path(path)
+        fp = model.fingerprint if name == "base" else embed.model_fingerprint(path)
+        _, dv = embed_texts(workers, doc_ids, read.texts, e.doc_prefix, path, fp, e, cache / "docs")
+        _, qv = embed_texts(workers, qids, [qtext[q] for q in qids], e.query_prefix, path, fp, e,
+                            cache / "queries")  # fmt: skip
+        results[name] = evaluate(qids, qv, doc_ids, dv, qrels)
+        log.info("%s: %s", name, results[name])
+    return results

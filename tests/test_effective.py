@@ -11,8 +11,9 @@ from slice_data import pipeline_config, write_slice
 
 from curate.batch.shards import read_manifest
 from curate.config import config_from_dict
+from curate.effective import effective_settings
 from pipelines import cli
-from pipelines.run import effective_settings, run
+from pipelines.run import run
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 from curate import schema
 from curate.batch import dedup
 from curate.batch.shards import iter_batches, read_manifest
+from curate.batch.stage import curate
 from curate.config import config_from_dict
 from curate.read.dataset import Dataset
-from pipelines.run import curate_stage
+from curate.records import Embedded, Mined, Read
 from train.train import batch_columns, batch_masks, load_forbidden
 
 # "a" and "b" are the same text (case and punctuation aside): "a" is the canonical id.
@@ -36,8 +37,7 @@ def _curate(tmp_path):
         pl.DataFrame({"doc_id": list(DOCS), "title": [""] * len(DOCS), "text": list(DOCS.values())})
     )
     canon_df = dedup.canonical_ids(corpus)
-    canon = dict(zip(canon_df["doc_id"], canon_df["canonical_id"]))
-    assert canon["b"] == "a"
+    assert dict(zip(canon_df["doc_id"], canon_df["canonical_id"]))["b"] == "a"
     queries = pl.DataFrame({"query_id": ["q1", "q2"], "text": ["shock waves?", "shell buckling?"]})
     ds = Dataset(corpus=corpus, queries=queries, qrels={}, stats={})
     mined = pa.table(
@@ -57,10 +57,10 @@ def _curate(tmp_path):
     )  # fmt: skip
     funnel = {"candidates": 4, "near_duplicate": 1, "kept": 3}
     known = {"q1": ["c"], "q2": ["f"]}
-    texts = list(DOCS.values())
-    q_vecs = np.eye(2, dtype=np.float32)
-    curate_stage(cfg, tmp_path, canon, {}, corpus, ds, mined, forbidden, funnel, known,
-                 {"q1": 0, "q2": 1}, q_vecs, texts)  # fmt: skip
+    read = Read(ds, corpus, list(DOCS.values()), pl.DataFrame(), known)
+    emb = Embedded(list(DOCS), np.zeros((len(DOCS), 2), np.float32), ["q1", "q2"],
+                   np.eye(2, dtype=np.float32))  # fmt: skip
+    curate(cfg, tmp_path, read, emb, Mined(mined, forbidden, funnel, known, cfg.mine, None, {}))
     return tmp_path / "shards"
 
 

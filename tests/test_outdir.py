@@ -163,7 +163,7 @@ def test_write_shards_keeps_files_it_did_not_write(tmp_path):
 def test_shards_of_a_crashed_write_are_recorded_before_they_exist(tmp_path):
     shard_dir = tmp_path / "shards"
     script = ("import sys; sys.path.insert(0, 'tests'); from pathlib import Path; "
-              "from test_outdir import _rows; from curate import shards; "
+              "from test_outdir import _rows; from curate.batch import shards; "
               f"shards.write_shards(_rows(5), Path({str(shard_dir)!r}), 1)")  # fmt: skip
     env = {**os.environ, faults.ENV: "shard:2"}  # SIGKILL once 2 of the 5 files are in place
     proc = subprocess.run([sys.executable, "-c", script], env=env, timeout=120)

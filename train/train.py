@@ -447,7 +447,7 @@ def follow_run(cfg) -> Path:
 
     world = parallel.world_from_env()
     parallel.init(world, parallel.resolve_device(cfg.train.device, world), STAGES_WAIT)
-    out = Path(cfg.output_dir)  # the paths pipelines.run.train_stage trains with
+    out = Path(cfg.output_dir)  # the paths pipelines.stages.train_stage trains with
     return train(out / "shards", out / "model", resolve_model(cfg.embed.model), cfg.train,
                  cfg.embed, cfg.seed)  # fmt: skip
 

@@ -1,0 +1,120 @@
+"""Stage 5 as one call: mined pairs -> canonical ids, topics, batches, shards, forbidden pairs
+and the manifest (written last: it marks the shards complete)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+
+from curate import health
+from curate.batch import dedup, shards
+from curate.batch.curation import (
+    build_rows,
+    canonical_forbidden,
+    funnel_balance,
+    query_topics,
+    shard_counts,
+    shard_funnel,
+    shard_table,
+)
+from curate.config import Config
+from curate.records import Curated, Embedded, Mined, Read
+
+log = logging.getLogger(__name__)
+
+FORMAT = "curate-shards/1"
+FORBIDDEN_FILE = "forbidden.parquet"  # beside shards/, not in it: the folder loads as one table
+
+
+def canonical_map(cfg: Config, read: Read, emb: Embedded) -> tuple[dict[str, str], dict]:
+    """doc_id -> canonical id: exact duplicates first, then (optionally) semantic ones among the
+    canonical docs; -> (map, counts and examples for the manifest)."""
+    canon_df = dedup.canonical_ids(read.corpus)
+    canon = dict(zip(canon_df["doc_id"].to_list(), canon_df["canonical_id"].to_list()))
+    info = {"exact_duplicates": sum(d != c for d, c in canon.items())}
+    if cfg.dedup.semantic_threshold is not None:
+        doc_ids = emb.doc_ids
+        keep = [i for i, d in enumerate(doc_ids) if canon[d] == d]
+        merged = dedup.semantic_duplicates(
+            [doc_ids[i] for i in keep], emb.doc_vecs[keep], cfg.dedup.semantic_threshold,
+            cfg.dedup.clusters, cfg.seed,
+        )
+        sem = {d: c for d, c, _ in merged}
+        canon = {d: sem.get(c, c) for d, c in canon.items()}
+        text = dict(zip(doc_ids, read.texts))
+        info["semantic_duplicates"] = len(merged)
+        info["semantic_examples"] = [
+            {"doc_id": d, "canonical_id": c, "cosine": s, "doc": text[d][:200],
+             "canonical": text[c][:200]}
+            for d, c, s in merged[:10]
+        ]  # fmt: skip
+    return canon, info
+
+
+def rejected_docs(forbidden: pa.Table) -> dict[str, set[str]]:
+    """query_id -> the docs it must never see as a negative."""
+    rejected: dict[str, set[str]] = {}
+    for q, d in zip(forbidden.column("query_id").to_pylist(), forbidden.column("doc_id").to_pylist()):
+        rejected.setdefault(q, set()).add(d)
+    return rejected
+
+
+def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined) -> Curated:
+    """Shards, forbidden pairs and manifest under ``out``; every count from what was written."""
+    canon, dedup_info = canonical_map(cfg, read, emb)
+    mined_df = pl.from_arrow(mined.pairs)
+    train_q = mined_df["query_id"].unique(maintain_order=True).to_list()
+    q_row = emb.query_row
+    topic_of = query_topics(train_q, emb.query_vecs[[q_row[q] for q in train_q]], cfg.batch, cfg.seed)
+    # Under canonical ids, as the shards: the mask then catches a rejected doc's twin too.
+    forbidden = canonical_forbidden(mined.forbidden, canon)
+    rows_df, rows, stats = build_rows(mined_df, mined.known, canon, topic_of, rejected_docs(forbidden))
+    table, batch_stats, fate = shard_table(
+        rows_df, rows, cfg.batch, cfg.seed, read.doc_text, read.query_text, cfg.mine.num_negatives
+    )
+    shard_dir = out / "shards"
+    files = shards.write_shards(table, shard_dir, cfg.batch.batches_per_shard)
+    shards.write_table(out / FORBIDDEN_FILE, forbidden)
+    # The funnel runs on to the negatives in the shards.
+    funnel = shard_funnel(mined.funnel, stats["neg_dropped_as_duplicate"], fate)
+    if funnel_balance(funnel):
+        log.warning("funnel off by %d candidates: %s", funnel_balance(funnel), funnel)
+    counts = {
+        "docs": read.corpus.height,
+        "duplicate_docs": sum(d != c for d, c in canon.items()),
+        "queries": read.dataset.queries.height,
+        "train_pairs": mined_df.height,
+        "rows": table.num_rows,
+        "topics": len(set(topic_of.values())),
+        "forbidden_pairs": forbidden.num_rows,
+        **read.dataset.stats,
+        **stats,
+        **batch_stats,
+        **shard_counts(table, cfg.mine.num_negatives),
+    }
+    manifest = _manifest(cfg, out, counts, funnel, mined, dedup_info, files)
+    shards.write_manifest(shard_dir, manifest)  # last: marks the shards complete
+    keys = ("counts", "funnel", "warnings", "effective", *mined.checks)
+    return Curated(shard_dir, {k: manifest[k] for k in keys})
+
+
+def _manifest(cfg: Config, out: Path, counts: dict, funnel: dict, mined: Mined, dedup_info: dict,
+              files: list) -> dict:
+    manifest = {
+        "format": FORMAT,
+        "seed": cfg.seed,
+        "config": cfg.to_dict(),
+        "counts": counts,
+        "funnel": funnel,
+        "mining_funnel": dict(sorted(mined.funnel.items())),  # as mined, before stage 5
+        "dedup": dedup_info,
+        "files": files,
+        "forbidden": {"path": f"../{FORBIDDEN_FILE}", "sha256": shards.sha256(out / FORBIDDEN_FILE)},
+        "effective": [],  # settings decided at run time (effective_settings), from the checks
+        **mined.checks,  # fncheck, score_source, mining_quality, index_recall, effective
+    }
+    manifest["warnings"] = health.data_warnings(manifest)  # few negatives, collapsed embeddings
+    return manifest

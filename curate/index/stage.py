@@ -1,0 +1,49 @@
+"""Stage 3's files: the index fingerprint and the arrays mine tasks memory-map. The index
+shards themselves are built on the cluster (pipelines.stages.index_stage)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from curate.batch.shards import atomic_write_bytes, write_table
+from curate.config import Config
+from curate.index.build import RECORD, write_record
+from curate.mine.negatives import write_doc_texts
+from curate.records import Embedded, Model, Read
+from curate.text import content_hash
+
+STAMP = "index.fingerprint"  # in the work folder: which embeddings the index files are of
+
+
+def fingerprint(cfg: Config, model: Model, emb: Embedded) -> str:
+    """Of the model, the index settings and the doc vectors: equal means the files still hold."""
+    return content_hash([
+        model.fingerprint, json.dumps(dataclasses.asdict(cfg.index), sort_keys=True),
+        *emb.doc_ids, str(emb.doc_vecs.shape), str(float(emb.doc_vecs.sum())),
+    ])  # fmt: skip
+
+
+def is_built(work: Path, fp: str) -> bool:
+    stamp = work / STAMP
+    ready = (work / "doc_texts.arrow").is_file() and (work / RECORD).is_file()
+    return stamp.is_file() and stamp.read_text() == fp and ready
+
+
+def write_inputs(work: Path, read: Read, emb: Embedded) -> None:
+    """Doc texts (n-gram rule), vectors, text hashes and ids, as the mine tasks read them."""
+    write_doc_texts(work / "doc_texts.arrow", read.texts)
+    np.save(work / "doc_vecs.npy", emb.doc_vecs)
+    hashes = [int(h[:16], 16) for h in read.corpus["hash"]]
+    np.save(work / "doc_hash.npy", np.array(hashes, dtype=np.uint64))
+    write_table(work / "doc_ids.parquet", pa.table({"doc_id": emb.doc_ids}))
+
+
+def mark_built(work: Path, fp: str, cfg: Config, model: Model, emb: Embedded) -> None:
+    """After the index shards: the record the queries are checked against, then the stamp."""
+    write_record(work, cfg.embed.model, model.fingerprint, emb.doc_vecs.shape[1], len(emb.doc_ids))
+    atomic_write_bytes(work / STAMP, fp.encode())

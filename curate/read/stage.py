@@ -1,0 +1,61 @@
+"""Stage 1 as one call: config -> Read (the dataset validated, train pairs, known positives,
+doc texts), everything checked before the output folder is touched."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import polars as pl
+
+from curate import config_rules
+from curate.batch import dedup
+from curate.config import Config, DataConfig
+from curate.read.dataset import Dataset, read_dataset
+from curate.records import Read
+
+
+def resolve_data(cfg: Config) -> DataConfig:
+    """``data.path: demo`` -> the generated demo set (written once under the output folder)."""
+    if cfg.data.path != "demo":
+        return cfg.data
+    from curate.read.synth import write_demo_dataset
+
+    folder = Path(cfg.output_dir) / "demo-data"
+    if not (folder / "corpus.jsonl").is_file():
+        write_demo_dataset(folder, seed=cfg.seed)
+    return dataclasses.replace(cfg.data, path=str(folder))
+
+
+def doc_texts(corpus: pl.DataFrame) -> list[str]:
+    """Title and text joined as BEIR models expect; the title alone is dropped when the text
+    already starts with it (Cranfield repeats it)."""
+    return [
+        t if not ti or t.startswith(ti) else f"{ti} {t}"
+        for ti, t in zip(corpus["title"].to_list(), corpus["text"].to_list())
+    ]
+
+
+def train_pairs(ds: Dataset, cfg: Config) -> pl.DataFrame:
+    """Positive (query, doc) pairs of the train split, sorted; optionally the first N queries."""
+    pairs = ds.qrels[cfg.data.train_split].filter(pl.col("score") > 0).sort("query_id", "doc_id")
+    if cfg.data.max_train_queries:
+        keep = pairs["query_id"].unique(maintain_order=True)[: cfg.data.max_train_queries]
+        pairs = pairs.filter(pl.col("query_id").is_in(keep.implode()))
+    return pairs
+
+
+def known_positives(ds: Dataset, split: str) -> dict[str, list[str]]:
+    """query_id -> every doc the split's qrels call relevant (score > 0)."""
+    positives = ds.qrels[split].filter(pl.col("score") > 0)
+    return {q: g["doc_id"].to_list() for (q,), g in positives.group_by("query_id")}
+
+
+def read(cfg: Config) -> Read:
+    """The dataset read and validated, then what the data makes impossible checked."""
+    ds = read_dataset(resolve_data(cfg))
+    pairs = train_pairs(ds, cfg)
+    config_rules.check_data(cfg, pairs.height)
+    known = known_positives(ds, cfg.data.train_split)
+    corpus = dedup.add_text_hash(ds.corpus)
+    return Read(ds, corpus, doc_texts(corpus), pairs, known)

@@ -1,0 +1,97 @@
+"""What each stage hands the next: one frozen record per stage (docs/architecture.md).
+
+The wiring (pipelines/run.py) only passes these along; a stage reads the fields it needs and
+returns its own record. Tables are Arrow or polars as the stage that made them left them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import polars as pl
+    import pyarrow as pa
+
+    from curate.config import IndexConfig, MineConfig
+    from curate.mine.ceiling import Calibration
+    from curate.read.dataset import Dataset
+
+
+@dataclass(frozen=True)
+class Read:
+    """Stage 1: the validated dataset and what every later stage reads from it."""
+
+    dataset: Dataset
+    corpus: pl.DataFrame  # dataset.corpus plus the normalised-text hash (dedup.add_text_hash)
+    texts: list[str]  # per corpus row: title and text as the model embeds them
+    pairs: pl.DataFrame  # positive (query_id, doc_id) pairs of the train split, sorted
+    known: dict[str, list[str]]  # query_id -> every known positive doc id (train split)
+
+    @property
+    def query_text(self) -> dict[str, str]:
+        q = self.dataset.queries
+        return dict(zip(q["query_id"].to_list(), q["text"].to_list()))
+
+    @property
+    def doc_text(self) -> dict[str, str]:
+        return dict(zip(self.corpus["doc_id"].to_list(), self.texts))
+
+
+@dataclass(frozen=True)
+class Model:
+    """The base model, resolved and fingerprinted before anything is written."""
+
+    path: Path
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """Stage 2: unit vectors of docs and queries, rows in id order."""
+
+    doc_ids: list[str]
+    doc_vecs: np.ndarray  # [docs, dim]
+    query_ids: list[str]
+    query_vecs: np.ndarray  # [queries, dim]
+
+    @property
+    def doc_row(self) -> dict[str, int]:
+        return {d: i for i, d in enumerate(self.doc_ids)}
+
+    @property
+    def query_row(self) -> dict[str, int]:
+        return {q: i for i, q in enumerate(self.query_ids)}
+
+
+@dataclass(frozen=True)
+class Indexed:
+    """Stage 3: the index files in the work folder, checked by the recall guard."""
+
+    work: Path
+    fingerprint: str  # of the embeddings and index settings the files were built from
+    index: IndexConfig  # as searched: nprobe as the recall guard left it
+    recall: dict  # the recall guard's record (manifest: index_recall)
+
+
+@dataclass(frozen=True)
+class Mined:
+    """Stage 4: kept negatives per training pair, the forbidden pairs and every drop counted."""
+
+    pairs: pa.Table  # schema.MINED
+    forbidden: pa.Table  # schema.FORBIDDEN
+    funnel: dict  # reason -> candidates dropped (and "candidates", "kept")
+    known: dict[str, list[str]]  # known positives, plus those the false-negative check relabelled
+    mine: MineConfig  # as mined: max_relative as the ceiling calibration left it
+    calibration: Calibration | None
+    checks: dict  # manifest sections: fncheck, mining_quality, index_recall, effective, ...
+
+
+@dataclass(frozen=True)
+class Curated:
+    """Stage 5: the shards, the forbidden pairs and the manifest, written."""
+
+    shards: Path
+    summary: dict  # the manifest's counts, funnel, warnings, effective and check sections
