@@ -75,8 +75,8 @@ def library_fingerprint() -> dict:
     for mod in (curate, pipelines, train):
         folder = Path(list(mod.__path__)[0])  # pipelines and train are namespace packages
         where[mod.__name__] = str(folder)
-        for f in sorted(folder.glob("*.py")):
-            h.update(f.name.encode() + f.read_bytes())
+        for f in sorted(folder.rglob("*.py")):  # the stage packages too
+            h.update(str(f.relative_to(folder)).encode() + f.read_bytes())
     return {"sources": where, "hash": h.hexdigest()}
 
 

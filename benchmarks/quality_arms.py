@@ -35,6 +35,8 @@ ST_MINING = {
 VARIANTS = {
     "D-cluster": {"batch.topics": "cluster", "batch.same_topic": 0.75},  # D before issue #12
     "D-q1": {"batch.max_rows_per_query": 1},
+    "D-best": {"mine.ceiling_from": "best"},
+    "D-far": {"mine.range_min": 30},
     "D-cal": {"mine.calibrate_ceiling": 0.01},
     "D-weakest": {"mine.ceiling_from": "weakest"},
     "D-median": {"mine.ceiling_from": "median"},
