@@ -16,6 +16,7 @@ from pathlib import Path
 
 from curate.batch import shards
 from curate.errors import OutputDirError
+from curate.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -111,4 +112,4 @@ def claim(folder: Path) -> None:
     if not (folder / MARKER).is_file():
         from curate import __version__
 
-        shards.write_json(folder / MARKER, {"format": FORMAT, "curate": __version__})
+        write_json(folder / MARKER, {"format": FORMAT, "curate": __version__})

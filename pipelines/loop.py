@@ -20,9 +20,9 @@ import logging
 from pathlib import Path
 
 from curate import health, outdir
-from curate.batch.shards import write_json
 from curate.config import Config
 from curate.embed import encoder as embed
+from curate.files import atomic_path, write_json
 from curate.read.stage import resolve_data
 from pipelines.run import run
 
@@ -125,10 +125,9 @@ def plot(table: list[dict], path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path, ".tmp.png") as tmp:  # the suffix tells savefig the format
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def format_table(table: list[dict]) -> str:

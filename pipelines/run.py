@@ -16,9 +16,9 @@ from pathlib import Path
 
 from curate import health, outdir
 from curate.batch import stage as batch
-from curate.batch.shards import write_json
 from curate.config import Config
 from curate.embed import encoder
+from curate.files import write_json
 from curate.mine import fncheck
 from curate.mine import stage as mine
 from curate.read import stage as read_stage

@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate import faults, schema
-from curate.batch.shards import write_table
 from curate.config import Config, EmbedConfig, IndexConfig, MineConfig
 from curate.embed import encoder as embed
 from curate.embed import plan as embed_plan
+from curate.files import atomic_path, write_table
 from curate.index import build as index
 from curate.index import stage as index_files
 from curate.mine import negatives as mine
@@ -103,10 +103,8 @@ def _token_lengths(workers: Workers, texts: list[str], prefix: str, model_path: 
         for start in range(0, len(texts), step)
     ]
     lengths = np.concatenate([np.empty(0, np.int32), *_gather(workers, futures, "tokenize")])
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, lengths)
-    os.replace(tmp, path)
     return lengths
 
 

@@ -25,6 +25,7 @@ from slice_data import PATH_LIKE_DOC, PATH_LIKE_QUERY, output_bytes, pipeline_co
 from curate import faults, schema
 from curate.batch import shards
 from curate.config import config_from_dict
+from curate.files import sha256
 from pipelines import run as run_mod
 from pipelines.cluster import Workers
 
@@ -95,7 +96,7 @@ def _assert_whole(out: Path) -> None:
     manifest = shards.manifest_path(out / "shards")
     if manifest.is_file():  # a manifest present means every file it names is complete
         for rec in json.loads(manifest.read_text())["files"]:
-            assert shards.sha256(out / "shards" / rec["path"]) == rec["sha256"]
+            assert sha256(out / "shards" / rec["path"]) == rec["sha256"]
 
 
 def _crash(cfg_path: Path, cwd: Path, point: str) -> None:

@@ -19,6 +19,7 @@ import train.train as trainer
 from curate import schema
 from curate.batch import shards
 from curate.config import EmbedConfig, TrainConfig
+from curate.files import write_json
 from train import parallel
 
 ATOL = 1e-5
@@ -54,7 +55,7 @@ def _shards(root: Path, n_batches: int = 1, rows: int = 4) -> Path:
     pq.write_table(forbidden, root / "forbidden.parquet")
     manifest = {"files": files, "forbidden": {"path": "../forbidden.parquet"}}
     where = getattr(shards, "manifest_path", lambda d: d / shards.MANIFEST)
-    shards.write_json(where(shard_dir), manifest)
+    write_json(where(shard_dir), manifest)
     return shard_dir
 
 

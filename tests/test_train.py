@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 import train.train as trainer
 from curate import schema
 from curate.batch import shards
-from curate.batch.shards import write_json, write_shards
+from curate.batch.shards import write_shards
 from curate.config import EmbedConfig, TrainConfig
 from curate.errors import ConfigError
+from curate.files import write_json
 
 
 def _shards(root: Path, n_batches: int = 4, rows: int = 3) -> Path:

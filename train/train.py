@@ -34,6 +34,7 @@ import torch
 from curate.batch.shards import iter_batches, read_manifest
 from curate.config import EmbedConfig, TrainConfig
 from curate.embed.encoder import pool, pretrained
+from curate.files import atomic_dir
 from curate.progress import track
 from train import parallel
 from train.gradcache import gradcache_backward, plain_backward
@@ -151,9 +152,6 @@ def save_checkpoint(
     rngs = parallel.gather_objects(_rng_state(), world)
     if world.main:
         final = ckpt_dir / f"step-{step:08d}"
-        tmp = ckpt_dir / f".step-{step:08d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         state = {
             "step": step,
             "model": model.state_dict(),
@@ -164,9 +162,8 @@ def save_checkpoint(
             "temp": temp.state_dict() if isinstance(temp, torch.nn.Module) else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
         }
-        torch.save(state, tmp / "state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with atomic_dir(final, ckpt_dir / f".step-{step:08d}.tmp") as tmp:
+            torch.save(state, tmp / "state.pt")
         for old in sorted(ckpt_dir.glob("step-*"))[:-2]:  # keep the last two
             shutil.rmtree(old, ignore_errors=True)
     parallel.barrier(world)
@@ -220,18 +217,15 @@ def save_model(model, source: Path, path: Path) -> None:
     saves of the same weights differ."""
     from transformers import AutoTokenizer
 
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(str(source), local_files_only=True).save_pretrained(tmp)
-    for name in ST_FILES:
-        src = Path(source) / name
-        if src.is_dir():
-            shutil.copytree(src, tmp / name)
-        elif src.is_file():
-            shutil.copy2(src, tmp / name)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(source), local_files_only=True).save_pretrained(tmp)
+        for name in ST_FILES:
+            src = Path(source) / name
+            if src.is_dir():
+                shutil.copytree(src, tmp / name)
+            elif src.is_file():
+                shutil.copy2(src, tmp / name)
 
 
 # --- the loop -----------------------------------------------------------------------------

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import pyarrow as pa
 
-from curate.batch.shards import iter_batches, read_manifest, write_json, write_table
+from curate.batch.shards import iter_batches, read_manifest
 from curate.errors import CurateError
+from curate.files import atomic_path, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,7 @@ def to_flagembedding(
     counter = _Counter("flagembedding", n, short)
     out_path = flagembedding_file(dest)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for _, rows in _rows(shard_dir):
             for r in rows:
                 fitted = _fit(r, n, short)
@@ -155,7 +154,6 @@ def to_flagembedding(
                     "pos_scores": [r["pos_score"]], "neg_scores": fitted[1],
                 }  # fmt: skip
                 fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-    os.replace(tmp, out_path)
     return counter.write(counts_path(dest))
 
 

@@ -13,10 +13,8 @@ nothing but Parquet (polars and ``datasets`` do not skip ``_``-prefixed names). 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,35 +23,11 @@ import pyarrow.parquet as pq
 
 from curate import faults, schema
 from curate.errors import CurateError
+from curate.files import PARQUET_OPTS, atomic_path, sha256, write_json
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"  # in the run folder, beside shards/: see manifest_path
-PARQUET_OPTS = dict(compression="zstd", compression_level=3, write_statistics=False)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def write_table(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, **PARQUET_OPTS)
-    os.replace(tmp, path)
 
 
 def _ledger(shard_dir: Path) -> Path:
@@ -101,11 +75,9 @@ def write_shards(table: pa.Table, out_dir: Path, batches_per_shard: int) -> list
     for s, first in enumerate(range(0, len(bounds) - 1, batches_per_shard)):
         last = min(first + batches_per_shard, len(bounds) - 1)
         path = out_dir / f"shard-{s:05d}.parquet"
-        tmp = path.with_name(path.name + ".tmp")
-        with pq.ParquetWriter(tmp, table.schema, **PARQUET_OPTS) as writer:
+        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, table.schema, **PARQUET_OPTS) as w:
             for b in range(first, last):
-                writer.write_table(table.slice(bounds[b], bounds[b + 1] - bounds[b]))
-        os.replace(tmp, path)
+                w.write_table(table.slice(bounds[b], bounds[b + 1] - bounds[b]))
         faults.reached("shard")  # test-only crash point
         records.append(
             {"path": path.name, "batches": last - first, "rows": bounds[last] - bounds[first],

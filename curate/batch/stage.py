@@ -21,6 +21,7 @@ from curate.batch.curation import (
     shard_table,
 )
 from curate.config import Config
+from curate.files import sha256, write_table
 from curate.records import Curated, Embedded, Mined, Read
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined) -> C
     )
     shard_dir = out / "shards"
     files = shards.write_shards(table, shard_dir, cfg.batch.batches_per_shard)
-    shards.write_table(out / FORBIDDEN_FILE, forbidden)
+    write_table(out / FORBIDDEN_FILE, forbidden)
     # The funnel runs on to the negatives in the shards.
     funnel = shard_funnel(mined.funnel, stats["neg_dropped_as_duplicate"], fate)
     if funnel_balance(funnel):
@@ -112,7 +113,7 @@ def _manifest(cfg: Config, out: Path, counts: dict, funnel: dict, mined: Mined, 
         "mining_funnel": dict(sorted(mined.funnel.items())),  # as mined, before stage 5
         "dedup": dedup_info,
         "files": files,
-        "forbidden": {"path": f"../{FORBIDDEN_FILE}", "sha256": shards.sha256(out / FORBIDDEN_FILE)},
+        "forbidden": {"path": f"../{FORBIDDEN_FILE}", "sha256": sha256(out / FORBIDDEN_FILE)},
         "effective": [],  # settings decided at run time (effective_settings), from the checks
         **mined.checks,  # fncheck, score_source, mining_quality, index_recall, effective
     }

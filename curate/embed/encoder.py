@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from curate import faults, schema
 from curate.config import EmbedConfig
 from curate.errors import ConfigError, NonFiniteEmbeddingError, StageMismatchError
+from curate.files import write_table
 
 log = logging.getLogger(__name__)
 
@@ -331,9 +332,7 @@ def write_embeddings(path: Path, ids: list[str], vectors: np.ndarray, dtype: str
     col = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
     table = pa.table({"id": pa.array(ids, pa.string()), "embedding": col})
     schema.check(table, schema.embeddings(vectors.shape[1], dtype), str(path))
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_table(path, table, compression="snappy")  # pyarrow's default: the cache as it was
 
 
 def read_embeddings(paths: list[Path]) -> tuple[list[str], np.ndarray]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import faiss
@@ -23,6 +22,7 @@ import numpy as np
 
 from curate.config import IndexConfig
 from curate.errors import ConfigError, StageMismatchError
+from curate.files import atomic_path, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -216,9 +216,8 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], offsets: list[int], k
 
 
 def save_index(index: faiss.Index, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 def load_index(path: Path, nprobe: int) -> faiss.Index:
@@ -235,9 +234,7 @@ RECORD = "index.json"  # beside the index files in the work folder
 def write_record(work: Path, model: str, model_fp: str, dim: int, docs: int) -> None:
     """Record the model (name and content fingerprint) and the vectors an index was built from."""
     rec = {"model": model, "model_fingerprint": model_fp, "dim": dim, "docs": docs}
-    tmp = work / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(rec, sort_keys=True))
-    os.replace(tmp, work / RECORD)
+    atomic_write_bytes(work / RECORD, json.dumps(rec, sort_keys=True).encode())
 
 
 def check_record(work: Path, model: str, model_fp: str, dim: int, docs: int) -> None:

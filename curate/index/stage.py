@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from curate.batch.shards import atomic_write_bytes, write_table
 from curate.config import Config
+from curate.files import atomic_write_bytes, write_table
 from curate.index.build import RECORD, write_record
 from curate.mine.negatives import write_doc_texts
 from curate.records import Embedded, Model, Read

@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate.config import MineConfig
+from curate.files import atomic_path
 from curate.text import ngrams
 
 FALSE_NEGATIVE_REASONS = (
@@ -187,10 +188,9 @@ def write_doc_texts(path: Path, texts: list[str]) -> None:
     """Doc texts in doc-number order as an uncompressed Arrow file (temp name, then rename), so
     mine tasks memory-map it and read only the pages of the docs they compare."""
     table = pa.table({"text": pa.array(texts, pa.large_string())})
-    tmp = path.with_name(path.name + ".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
 
 
 def load_doc_texts(path: str) -> pa.ChunkedArray:

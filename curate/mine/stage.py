@@ -11,9 +11,9 @@ import numpy as np
 import polars as pl
 
 from curate import health
-from curate.batch.shards import write_json
 from curate.config import Config, MineConfig
 from curate.effective import effective_settings
+from curate.files import write_json
 from curate.mine import ceiling, fncheck
 from curate.mine.negatives import PairBlock
 from curate.records import Embedded, Indexed, Mined, Read

@@ -27,11 +27,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from curate.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -306,9 +307,14 @@ def write_demo_dataset(
     demo = build_demo(seed, n_topics, docs_per_topic, test_fraction)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    with atomic_dir(out_dir, out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")) as tmp:
+        counts = _write_demo(demo, tmp, seed, n_topics, docs_per_topic, test_fraction)
+    log.info("demo dataset at %s: %s", out_dir, counts)
+    return out_dir
+
+
+def _write_demo(demo, tmp: Path, seed: int, n_topics: int, docs_per_topic: int,
+                test_fraction: float) -> dict:
     (tmp / "qrels").mkdir(parents=True)
     _write_lines(tmp / "corpus.jsonl", [json.dumps(r, ensure_ascii=False) for r in demo.corpus])
     _write_lines(tmp / "queries.jsonl", [json.dumps(r, ensure_ascii=False) for r in demo.queries])
@@ -321,16 +327,7 @@ def write_demo_dataset(
     args = {"seed": seed, "n_topics": n_topics, "docs_per_topic": docs_per_topic}
     readme = README.format(**args, test_fraction=test_fraction, **counts)
     (tmp / "README.md").write_text(readme, encoding="utf-8")
-    if out_dir.exists():
-        # os.replace cannot rename over a non-empty folder: move the old one aside first.
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
-    log.info("demo dataset at %s: %s", out_dir, counts)
-    return out_dir
+    return counts
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from curate import health
-from curate.batch.shards import atomic_write_bytes
+from curate.files import atomic_write_bytes
 from curate.report import sections as s
 from curate.report.data import RunData, load_run
 from curate.report.quality import quality_section

@@ -1,0 +1,70 @@
+"""Atomic files: everything curate writes goes to a temporary name beside its final one and is
+renamed into place, so a reader (or a rerun after a crash) sees the old file or the new one,
+never half of one. The only place that spells write-temp-then-rename."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PARQUET_OPTS = dict(compression="zstd", compression_level=3, write_statistics=False)
+
+
+@contextmanager
+def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary file name beside ``path`` (``<name><suffix>``) to write in the block; renamed
+    over ``path`` when the block ends. A block that raises leaves ``path`` as it was."""
+    tmp = path.with_name(path.name + suffix)
+    yield tmp
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_dir(path: Path, tmp: Path | None = None) -> Iterator[Path]:
+    """A fresh temporary folder (``tmp``, default ``<name>.tmp`` beside ``path``) to fill in the
+    block; it then replaces ``path`` and everything in it."""
+    tmp = tmp or path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    # os.replace cannot rename over a non-empty folder: move the old one aside first, so there
+    # is never a moment without one.
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_table(path: Path, table: pa.Table, **options) -> None:
+    """Parquet with curate's options (zstd, no statistics) unless ``options`` says otherwise."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, **(options or PARQUET_OPTS))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
