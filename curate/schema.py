@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import polars as pl
 import pyarrow as pa
 
 # Stage 1: validated inputs (polars frames with exactly these columns).
@@ -27,6 +28,23 @@ MINED = pa.schema(
         ("neg_ranks", pa.list_(pa.int32())),
     ]
 )
+# The negatives of a row: entry j of each list is one negative (id, score, rank); a filter keeps
+# them aligned through ``keep_negatives``, never by hand.
+NEGATIVES = {"neg_ids": pl.List(pl.String), "neg_scores": pl.List(pl.Float32),
+             "neg_ranks": pl.List(pl.Int32)}  # fmt: skip
+
+
+def keep_negatives(frame: pl.DataFrame, keep: list[list[int]],
+                   ids: list[list[str]] | None = None) -> pl.DataFrame:
+    """``frame`` with each row's negatives cut to the positions ``keep[row]`` (in that order),
+    the three lists alike; ``ids``: the kept negatives' ids replaced (e.g. by canonical ids)."""
+    cut: dict[str, list] = {name: [] for name in NEGATIVES}
+    for row, picks in zip(frame.select(*NEGATIVES).iter_rows(), keep, strict=True):
+        for name, values in zip(NEGATIVES, row, strict=True):
+            cut[name].append([values[j] for j in picks])
+    if ids is not None:
+        cut["neg_ids"] = ids
+    return frame.with_columns(pl.Series(n, cut[n], t) for n, t in NEGATIVES.items())
 
 # Candidates rejected as likely false negatives; the trainer's mask obeys them.
 FORBIDDEN = pa.schema(

@@ -42,7 +42,7 @@ def build_rows(
     positive, another negative of its row or a doc rejected for its query (``rejected``: query
     -> canonical forbidden ids) is dropped and counted."""
     stats: Counter = Counter()
-    rows, neg_cols = [], {"neg_ids": [], "neg_scores": [], "neg_ranks": []}
+    rows, picks = [], []
     rejected = rejected or {}
     for r in mined.iter_rows(named=True):
         pos = canon.get(r["pos_id"], r["pos_id"])
@@ -55,16 +55,11 @@ def build_rows(
                 stats["neg_dropped_as_duplicate"] += 1
                 continue
             seen.add(c)
-            keep.append((c, r["neg_scores"][j], r["neg_ranks"][j]))
-        neg_cols["neg_ids"].append([k[0] for k in keep])
-        neg_cols["neg_scores"].append([k[1] for k in keep])
-        neg_cols["neg_ranks"].append([k[2] for k in keep])
-        rows.append(Row(pos, tuple(k[0] for k in keep), kp, topic_of[r["query_id"]], r["query_id"]))
-    out = mined.with_columns(
+            keep.append((j, c))
+        picks.append([j for j, _ in keep])
+        rows.append(Row(pos, tuple(c for _, c in keep), kp, topic_of[r["query_id"]], r["query_id"]))
+    out = schema.keep_negatives(mined, picks, [list(r.negs) for r in rows]).with_columns(
         pl.Series("pos_id", [r.pos for r in rows], pl.String),
-        pl.Series("neg_ids", neg_cols["neg_ids"], pl.List(pl.String)),
-        pl.Series("neg_scores", neg_cols["neg_scores"], pl.List(pl.Float32)),
-        pl.Series("neg_ranks", neg_cols["neg_ranks"], pl.List(pl.Int32)),
         pl.Series("known_pos_ids", [sorted(r.known) for r in rows], pl.List(pl.String)),
         pl.Series("topic", [r.topic for r in rows], pl.Int32),
     )
@@ -95,15 +90,14 @@ def shard_table(
     kept = [negs[i] for i in order]
     # The composer keeps a subset of each row's negatives and spares (those not already in the
     # batch); keep the scores and ranks aligned with the ids that remain.
-    cols = {"neg_ids": [], "neg_scores": [], "neg_ranks": []}
     fate: Counter = Counter()
-    for k, r in zip(kept, df.select("neg_ids", "neg_scores", "neg_ranks").iter_rows()):
+    picks = []
+    for k, ids in zip(kept, df["neg_ids"].to_list()):
         keep = set(k)
-        pick = [j for j, n in enumerate(r[0]) if n in keep]
-        fate.update(_fate(len(r[0]), pick, num_negatives))
-        cols["neg_ids"].append([r[0][j] for j in pick])
-        cols["neg_scores"].append([r[1][j] for j in pick])
-        cols["neg_ranks"].append([r[2][j] for j in pick])
+        picks.append([j for j, n in enumerate(ids) if n in keep])
+        fate.update(_fate(len(ids), picks[-1], num_negatives))
+    cols = {n: v.to_list() for n, v in schema.keep_negatives(df, picks).select(*schema.NEGATIVES)
+            .to_dict().items()}  # fmt: skip
     placed = set(order)
     fate["dropped_last"] = sum(
         len(n) for i, n in enumerate(rows_df["neg_ids"].to_list()) if i not in placed

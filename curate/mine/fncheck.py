@@ -69,19 +69,12 @@ def confirm(entries: pl.DataFrame, pair_scores, margin: float) -> pl.DataFrame:
 
 def remove_negatives(mined: pl.DataFrame, pairs: set[tuple[str, str]]) -> tuple[pl.DataFrame, int]:
     """Drop negative d from every row of query q for each (q, d) in ``pairs`` -> (table, removed)."""
-    cols: dict[str, list] = {"neg_ids": [], "neg_scores": [], "neg_ranks": []}
-    removed = 0
     queries = {q for q, _ in pairs}
-    for q, ids, scores, ranks in mined.select("query_id", *cols).iter_rows():
-        keep = [j for j, d in enumerate(ids) if q not in queries or (q, d) not in pairs]
-        removed += len(ids) - len(keep)
-        for name, values in zip(cols, (ids, scores, ranks), strict=True):
-            cols[name].append([values[j] for j in keep])
-    return mined.with_columns(
-        pl.Series("neg_ids", cols["neg_ids"], pl.List(pl.String)),
-        pl.Series("neg_scores", cols["neg_scores"], pl.List(pl.Float32)),
-        pl.Series("neg_ranks", cols["neg_ranks"], pl.List(pl.Int32)),
-    ), removed
+    keep, removed = [], 0
+    for q, ids in mined.select("query_id", "neg_ids").iter_rows():
+        keep.append([j for j, d in enumerate(ids) if q not in queries or (q, d) not in pairs])
+        removed += len(ids) - len(keep[-1])
+    return schema.keep_negatives(mined, keep), removed
 
 
 def check_false_negatives(mined: pl.DataFrame, pair_scores, cfg: FnCheckConfig):
