@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from curate.mine.ceiling import Calibration
     from curate.read.dataset import Dataset
 
+# report.json's timings, in run order: one per timed step of pipelines.run.
+TIMED = ("read", "embed", "index", "recall_guard", "mine", "fncheck", "curate", "train", "evaluate")
+
 
 @dataclass(frozen=True)
 class Read:

@@ -28,6 +28,19 @@ MINED = pa.schema(
         ("neg_ranks", pa.list_(pa.int32())),
     ]
 )
+# Why a mined candidate was dropped: the funnel's keys and forbidden.parquet's ``reason``. The
+# first group is forbidden for the query (likely false negatives, masked in training).
+FALSE_NEGATIVE_REASONS = (
+    "known_positive",
+    "duplicate_of_positive",
+    "near_duplicate",
+    "above_ceiling",
+    "ngram_duplicate",
+)
+CONFIRMED_FALSE_NEGATIVE = "confirmed_false_negative"  # by the false-negative check (fncheck)
+FORBIDDEN_REASONS = (*FALSE_NEGATIVE_REASONS, CONFIRMED_FALSE_NEGATIVE)
+OTHER_REASONS = ("out_of_window", "not_selected", "spare")  # not forbidden: only not kept
+
 # The negatives of a row: entry j of each list is one negative (id, score, rank); a filter keeps
 # them aligned through ``keep_negatives``, never by hand.
 NEGATIVES = {"neg_ids": pl.List(pl.String), "neg_scores": pl.List(pl.Float32),

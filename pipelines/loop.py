@@ -22,13 +22,13 @@ from pathlib import Path
 from curate import health, outdir
 from curate.config import Config
 from curate.embed import encoder as embed
+from curate.eval.metrics import METRICS
 from curate.files import atomic_path, write_json
 from curate.read.stage import resolve_data
 from pipelines.run import run
 
 log = logging.getLogger(__name__)
 
-METRICS = ("ndcg@10", "recall@100", "mrr@10")
 GUARD = "ndcg@10"  # a round below the best so far on this metric stops the loop
 
 

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from curate.config import MineConfig
-from curate.mine.negatives import FALSE_NEGATIVE_REASONS, PairBlock, mine_block
+from curate.mine.negatives import PairBlock, mine_block
+from curate.schema import FALSE_NEGATIVE_REASONS
 
 S = math.sqrt(1 - 0.99**2)
 DOCS = np.array(

@@ -18,6 +18,9 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 
+# The headline metrics, as ``evaluate_run`` names them at its default k (report, loop).
+METRICS = ("ndcg@10", "recall@100", "mrr@10")
+
 log = logging.getLogger(__name__)
 
 

@@ -29,7 +29,6 @@ from curate.mine import scorer
 
 log = logging.getLogger(__name__)
 
-REASON = "confirmed_false_negative"
 
 
 def resolve_scorers(cfg: Config) -> None:
@@ -159,7 +158,7 @@ def _forbid(forbidden: pa.Table, confirmed: pl.DataFrame) -> pa.Table:
         {
             "query_id": [q for q, _, _ in new],
             "doc_id": [d for _, d, _ in new],
-            "reason": [REASON] * len(new),
+            "reason": [schema.CONFIRMED_FALSE_NEGATIVE] * len(new),
             "score": pa.array([s for _, _, s in new], pa.float32()),
         },
         schema=schema.FORBIDDEN,
@@ -172,7 +171,7 @@ def _act(cfg: FnCheckConfig, confirmed, check: dict, forbidden, funnel: Counter,
     (``known`` is updated in place) -> forbidden."""
     if check["negatives_removed"]:
         funnel["kept"] -= check["negatives_removed"]
-        funnel[REASON] += check["negatives_removed"]
+        funnel[schema.CONFIRMED_FALSE_NEGATIVE] += check["negatives_removed"]
     log.info("fncheck: %s", check)
     if cfg.action == "drop":
         return _forbid(forbidden, confirmed)

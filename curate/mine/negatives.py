@@ -42,16 +42,9 @@ import pyarrow as pa
 
 from curate.config import MineConfig
 from curate.files import atomic_path
+from curate.schema import FALSE_NEGATIVE_REASONS
 from curate.text import ngrams
 
-FALSE_NEGATIVE_REASONS = (
-    "known_positive",
-    "duplicate_of_positive",
-    "near_duplicate",
-    "above_ceiling",
-    "ngram_duplicate",
-)
-REASONS = FALSE_NEGATIVE_REASONS + ("out_of_window", "not_selected")
 CEILING_FROM = {"best": np.max, "median": np.median, "weakest": np.min}
 # Docs whose n-gram sets a mine task keeps in memory at once (a few hundred bytes each).
 NGRAM_CACHE = 200_000

@@ -9,35 +9,17 @@ import numpy as np
 import polars as pl
 
 from curate import health
+from curate.eval.metrics import METRICS
+from curate.records import TIMED
 from curate.report import markup as mk
+from curate.schema import FORBIDDEN_REASONS, OTHER_REASONS
 
 if TYPE_CHECKING:
     from curate.report.data import RunData
 
 # Funnel order: candidates, the likely-false-negative drops (forbidden, masked in training), the
 # other drops, kept. Reasons not listed here (added by later versions) go before not_selected.
-FORBIDDEN_REASONS = (
-    "known_positive",
-    "duplicate_of_positive",
-    "near_duplicate",
-    "above_ceiling",
-    "ngram_duplicate",
-    "confirmed_false_negative",
-)
-OTHER_REASONS = ("out_of_window", "not_selected", "spare")
 ALWAYS_SHOWN = ("candidates", *FORBIDDEN_REASONS[:4], *OTHER_REASONS, "kept")  # even when 0
-STAGE_ORDER = (
-    "read",
-    "embed",
-    "index",
-    "recall_guard",
-    "mine",
-    "fncheck",
-    "curate",
-    "train",
-    "evaluate",
-)
-METRICS = ("ndcg@10", "recall@100", "mrr@10")
 COLORS = {"pos": "#2ca02c", "neg": "#1f77b4", "drop": "#d62728", "all": "#7f7f7f"}
 
 # --- sections ------------------------------------------------------------------------------
@@ -74,7 +56,7 @@ def overview(d: RunData) -> str:
         )  # fmt: skip
     timings = (d.report or {}).get("timings")
     if timings:
-        order = sorted(timings, key=lambda k: (STAGE_ORDER + (k,)).index(k))
+        order = sorted(timings, key=lambda k: (TIMED + (k,)).index(k))
         rows = [[k, f"{timings[k]:.1f}"] for k in order] + [
             ["total", f"{sum(timings.values()):.1f}"]
         ]
