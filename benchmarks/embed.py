@@ -148,13 +148,16 @@ def main() -> None:
     )
     for n in names:
         print(
-            f"{n:<12} {rows[n]['texts_per_s']:>8} texts/s   {rows[n]['x_' + names[0]]:>5}x {names[0]}"
+            f"{n:<12} {rows[n]['texts_per_s']:>8} texts/s   {rows[n]['x_' + names[0]]:>5}x "
+            f"{names[0]}"
         )
     if extra:
         cold = len(texts) / extra["dask_cold_pass_s"]
         print(
-            f"curate-dask: cluster start {extra['dask_startup_s']}s, cold first pass {extra['dask_cold_pass_s']}s "
-            f"({cold:.1f} texts/s, {base and len(texts) / base and cold / (len(texts) / base):.2f}x {names[0]}), "
+            f"curate-dask: cluster start {extra['dask_startup_s']}s, cold first pass "
+            f"{extra['dask_cold_pass_s']}s "
+            f"({cold:.1f} texts/s, "
+            f"{base and len(texts) / base and cold / (len(texts) / base):.2f}x {names[0]}), "
             f"{extra['dask_workers']} workers x {extra['torch_threads_per_worker']} torch threads"
         )
     print(json.dumps({"rows": rows, **extra}))

@@ -79,7 +79,8 @@ def main() -> None:
                 quality[m] = evaluate(test_q, qv, doc_ids, dv, qrels)
     print(f"machine: {machine()}; {len(docs)} docs, max_length {args.max_length}")
     print(
-        f"{'mode':<14} {'texts/s':>8} {'x fp32':>7} {'cpu s/1k':>9} {'x fp32':>7} {'nDCG@10':>8} {'R@100':>6}"
+        f"{'mode':<14} {'texts/s':>8} {'x fp32':>7} {'cpu s/1k':>9} {'x fp32':>7} {'nDCG@10':>8} "
+        f"{'R@100':>6}"
     )
     base_w, base_c = best[modes[0]]
     rows = {}
@@ -95,7 +96,8 @@ def main() -> None:
         }
         v = rows[m]
         print(
-            f"{m:<14} {v['texts_per_s']:>8} {v['speed_x']:>7} {v['cpu_s_per_1k']:>9} {v['cpu_x']:>7} "
+            f"{m:<14} {v['texts_per_s']:>8} {v['speed_x']:>7} {v['cpu_s_per_1k']:>9} "
+            f"{v['cpu_x']:>7} "
             f"{v['ndcg@10']:>8} {v['recall@100']:>6}"
         )
     print(json.dumps(rows))

@@ -53,7 +53,9 @@ def sync(device: torch.device) -> None:
 
 
 def peak_gb(device: torch.device) -> float | None:
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+    return (
+        round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+    )
 
 
 def reset_peak(device: torch.device) -> None:
@@ -171,7 +173,9 @@ def st_torch_search(q: torch.Tensor, corpus: torch.Tensor, k: int, chunk: int):
     against the whole corpus, then torch.topk."""
     from sentence_transformers.util import cos_sim
 
-    parts = [torch.topk(cos_sim(q[s : s + chunk], corpus), k, dim=1) for s in range(0, len(q), chunk)]
+    parts = [
+        torch.topk(cos_sim(q[s : s + chunk], corpus), k, dim=1) for s in range(0, len(q), chunk)
+    ]
     return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
 
 
@@ -218,7 +222,11 @@ def mine_check(n_docs: int, n_large: int, n_queries: int, k: int, device: torch.
 
 def batch_texts(vocab: list[str], rows: int) -> list[list[str]]:
     """[queries, positives, negatives], rows each."""
-    return [short_texts(vocab, rows, 10, 6, 16), short_texts(vocab, rows, 11), short_texts(vocab, rows, 12)]
+    return [
+        short_texts(vocab, rows, 10, 6, 16),
+        short_texts(vocab, rows, 11),
+        short_texts(vocab, rows, 12),
+    ]
 
 
 def curate_step(model_path: Path, device: torch.device, max_length: int, chunk: int):
@@ -316,7 +324,9 @@ def train_check(model: Path, vocab: list[str], rows: int, chunk: int, steps: int
 
 
 def environment(device: torch.device) -> dict:
-    absent = [m for m in ("faiss", "polars", "dask", "distributed") if not importlib.util.find_spec(m)]
+    absent = [
+        m for m in ("faiss", "polars", "dask", "distributed") if not importlib.util.find_spec(m)
+    ]
     env = {
         "torch": torch.__version__, "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -336,7 +346,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--skip", nargs="*", default=[], choices=["embed", "mine", "train"])
     for key, val in FULL.items():
-        ap.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"default {val} (smoke: {SMOKE[key]})")
+        ap.add_argument(
+            f"--{key.replace('_', '-')}", type=int, help=f"default {val} (smoke: {SMOKE[key]})"
+        )
     args = ap.parse_args(argv)
     sizes = {k: getattr(args, k) or (SMOKE if args.smoke else FULL)[k] for k in FULL}
     cuda = torch.cuda.is_available() and args.device != "cpu" and not args.smoke
@@ -362,7 +374,9 @@ def main(argv: list[str] | None = None) -> dict:
                                        sizes["steps"], device, sizes["max_length"])  # fmt: skip
     out["ratios"] = {k: out[k]["ratio"] for k in TARGETS if k in out}
     out["targets_met"] = {k: r >= TARGETS[k] for k, r in out["ratios"].items()}
-    print("ratios (curate / sentence-transformers):", out["ratios"], "targets:", TARGETS, flush=True)
+    print(
+        "ratios (curate / sentence-transformers):", out["ratios"], "targets:", TARGETS, flush=True
+    )
     args.out.write_text(json.dumps(out, indent=1))
     print("wrote", args.out, flush=True)
     return out

@@ -41,7 +41,8 @@ warnings.filterwarnings("ignore")
 
 
 def pairs():
-    """Cranfield train pairs (query text, positive text) and the corpus texts, as curate reads them."""
+    """Cranfield train pairs (query text, positive text) and the corpus texts, as curate reads
+    them."""
     import polars as pl
 
     from curate.config import DataConfig
@@ -207,7 +208,8 @@ def main() -> None:
     print(f"{'run':<24} {'wall s':>7} {'cpu s':>7} {'RSS MB':>7} {'PSS MB':>7}")
     for label, r in res.items():
         print(
-            f"{label:<24} {r['wall_s']:>7} {r['cpu_s']:>7} {r['peak_rss_mb']:>7} {r['peak_pss_mb']:>7}"
+            f"{label:<24} {r['wall_s']:>7} {r['cpu_s']:>7} {r['peak_rss_mb']:>7} "
+            f"{r['peak_pss_mb']:>7}"
         )
     summary = {}
     for name, a, b in COMPARE:

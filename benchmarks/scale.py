@@ -64,7 +64,8 @@ class Vectors:
 
 
 class Clock:
-    """Wall and CPU seconds (all threads of this process) of a block -> rec[name + "_s"/"_cpu_s"]."""
+    """Wall and CPU seconds (all threads of this process) of a block ->
+    rec[name + "_s"/"_cpu_s"]."""
 
     def __init__(self, rec: dict, name: str):
         self.rec, self.name = rec, name

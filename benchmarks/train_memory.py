@@ -8,7 +8,8 @@ masked InfoNCE), ``gradcache_backward`` (chunk_size 8) or ``plain_backward``, th
 Memory is the process's peak RSS (VmHWM, reset right after load; ru_maxrss without /proc) minus
 its RSS after model load and tokenization, so activation memory stands out: ``backward`` is the peak
 up to the end of the backward pass (activations + gradients), ``step`` up to the end of AdamW (adds
-its two moment buffers, ~2x the weights, the same in both modes). ``tree_peak`` is the peak RSS sampled from outside every 0.1 s
+its two moment buffers, ~2x the weights, the same in both modes). ``tree_peak`` is the peak RSS
+sampled from outside every 0.1 s
 (model load included). Time is the step's wall time (tokenized inputs to optimizer step).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_memory.py [--sizes 16 32 64 128] [--chunk 8]
@@ -96,7 +97,9 @@ def one_step(batch_size: int, mode: str, chunk: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModel.from_pretrained(str(path), local_files_only=True)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01, fused=True)  # as train.py
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=2e-5, weight_decay=0.01, fused=True
+    )  # as train.py
     cfg = TrainConfig(max_length=MAX_LENGTH, chunk_size=chunk if mode == "gradcache" else 0)
 
     rows = cranfield_rows(batch_size)
@@ -158,7 +161,9 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument(
-        "--plain-max", type=int, default=128,
+        "--plain-max",
+        type=int,
+        default=128,
         help="largest batch run without GradCache (plain needs ~50 MB per row here: 1024 rows "
         "would be ~50 GB)",
     )

@@ -19,7 +19,8 @@ the timed loop:
 to other jobs on a shared machine, though OpenMP spin-waiting inflates it under contention).
 Sides run A B B A ... (``--repeats``) so drift in the shared machine's load hits both.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_speed.py [--steps 12] [--batch 16] [--repeats 2]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_speed.py \
+        [--steps 12] [--batch 16] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def _summary(name: str, marks: list[float], cpu: list[float], rows: int, load_s:
     return {
         "side": name, "steps": n_steps, "rows": rows, "load_s": round(load_s, 2),
         "loop_s": round(loop, 2), "examples_per_s": round(rows / loop, 3),
-        "steady_examples_per_s": round(rows * (n_steps - 1) / n_steps / steady, 3) if n_steps > 1 else None,
+        "steady_examples_per_s": (
+            round(rows * (n_steps - 1) / n_steps / steady, 3) if n_steps > 1 else None
+        ),
         "step_s": [round(s, 2) for s in step_s],
         "cpu_ms_per_example": round(1000 * (cpu[-1] - cpu[0]) / rows, 1),
     }  # fmt: skip

@@ -93,7 +93,8 @@ def unwise(cfg: Config) -> list[Finding]:
     if c.workers == "in_process" and c.n_workers and c.n_workers > 1:
         out.append((("cluster.workers", "cluster.n_workers"),
                     f"cluster.workers=in_process runs one worker, so cluster.n_workers="
-                    f"{c.n_workers} is ignored; set cluster.workers=processes to use them"))  # fmt: skip
+                    f"{c.n_workers} is ignored; set cluster.workers=processes to use "
+                    "them"))  # fmt: skip
     return out
 
 

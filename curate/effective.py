@@ -15,8 +15,9 @@ def effective_settings(cfg: Config, mcfg: MineConfig, nprobe: int, cal,
         out.append({
             "key": "mine.max_relative", "configured": cfg.mine.max_relative,
             "used": mcfg.max_relative,
-            "why": f"mine.calibrate_ceiling={cfg.mine.calibrate_ceiling}: the loosest ceiling whose "
-                   f"leave-one-out false-negative rate meets the target ({cal.held_out} known "
+            "why": f"mine.calibrate_ceiling={cfg.mine.calibrate_ceiling}: the loosest ceiling "
+                   f"whose leave-one-out false-negative rate meets the target ({cal.held_out} "
+                   "known "
                    f"positives of {cal.queries} queries hidden in turn; ceiling_calibration)",
         })  # fmt: skip
     if nprobe != cfg.index.nprobe:
@@ -28,7 +29,9 @@ def effective_settings(cfg: Config, mcfg: MineConfig, nprobe: int, cal,
             if len(tries) > 1
             else "HNSW searches with max(efSearch, nprobe) (index_recall)"
         )
-        out.append({"key": "index.nprobe", "configured": cfg.index.nprobe, "used": nprobe, "why": why})
+        out.append(
+            {"key": "index.nprobe", "configured": cfg.index.nprobe, "used": nprobe, "why": why}
+        )
     return out
 
 
@@ -37,8 +40,13 @@ def planned_settings(cfg: Config) -> list[dict]:
     -> [{"key", "configured", "decided"}]."""
     out = []
     if cfg.mine.calibrate_ceiling is not None:
-        out.append({"key": "mine.max_relative", "configured": cfg.mine.max_relative,
-                    "decided": f"calibrated at run time (target {cfg.mine.calibrate_ceiling})"})
+        out.append(
+            {
+                "key": "mine.max_relative",
+                "configured": cfg.mine.max_relative,
+                "decided": f"calibrated at run time (target {cfg.mine.calibrate_ceiling})",
+            }
+        )
     if cfg.index.recall_action == "raise_nprobe" and cfg.index.factory != "Flat":
         out.append({
             "key": "index.nprobe", "configured": cfg.index.nprobe,

@@ -77,8 +77,9 @@ def _drop_cause(reason: str, manifest: dict) -> str:
         "near_duplicate": f"mine.near_dup_threshold "
         f"({effective(manifest, 'mine.near_dup_threshold')}) is below this model's usual "
         "query-document scores, or the corpus holds many near-identical documents",
-        "above_ceiling": f"the ceiling mine.max_relative ({effective(manifest, 'mine.max_relative')})"
-        " is too low for this data: candidates score close to the positive (many relevant "
+        "above_ceiling": "the ceiling mine.max_relative "
+        f"({effective(manifest, 'mine.max_relative')}) is too low for this data: candidates score "
+        "close to the positive (many relevant "
         "documents per query, or a weak model); try mine.calibrate_ceiling",
         "known_positive": "queries have so many known positives that they fill the top of the "
         "ranking; raise mine.top_k",

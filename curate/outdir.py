@@ -65,12 +65,15 @@ def check(folder: Path, overwrite: bool = False, what: str = "output_dir") -> No
     if not entries or curate_sign(folder):
         return
     if overwrite:
-        log.warning("%s: writing into %s, which holds no curate run (overwrite is set)", what, folder)
+        log.warning(
+            "%s: writing into %s, which holds no curate run (overwrite is set)", what, folder
+        )
         return
     shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
     raise OutputDirError(
-        f"{what}: {folder} is not empty ({len(entries)} {'entry' if len(entries) == 1 else 'entries'}: "
-        f"{shown}) and is not a curate run "
+        f"{what}: {folder} is not empty "
+        f"({len(entries)} {'entry' if len(entries) == 1 else 'entries'}: {shown}) and is not a "
+        "curate run "
         f"(no {MARKER}, manifest or curate report.json), so curate would replace files there; "
         "pick an empty or new folder, or pass --overwrite (--set overwrite=true) to write into it "
         "anyway (files of the names curate writes are replaced; nothing else is deleted)"

@@ -89,7 +89,8 @@ SHARD = pa.schema(
 
 
 def check(table: pa.Table, schema: pa.Schema, name: str) -> None:
-    """Raise if ``table`` does not carry ``schema``'s columns with their types (internal invariant)."""
+    """Raise if ``table`` does not carry ``schema``'s columns with their types (an internal
+    invariant)."""
     for f in schema:
         if f.name not in table.column_names:
             raise ValueError(f"{name}: column {f.name!r} missing; has {table.column_names}")

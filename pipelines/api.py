@@ -78,7 +78,8 @@ def evaluate(config: ConfigLike = None, overrides: Sequence[str] = (), quiet: bo
 def validate(config: ConfigLike = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """``curate validate``: check the config, the model folders and the dataset; run nothing.
     -> {"config": Config, "model": resolved model folder, "stats": what the reader found,
-    "effective": the settings the run will decide for itself (curate.effective.planned_settings)}."""
+    "effective": the settings the run will decide for itself
+    (curate.effective.planned_settings)}."""
     from curate import config_rules, outdir
     from curate.effective import planned_settings
     from curate.embed import encoder as embed_mod

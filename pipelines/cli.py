@@ -72,18 +72,21 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--overwrite",
         action="store_true",
         help="write into an output folder that is neither empty nor a curate run, replacing "
-        "files of the names curate writes (= --set overwrite=true; default: such a folder is refused)",
+        "files of the names curate writes (= --set overwrite=true; default: such a folder is "
+        "refused)",
     )
     p.add_argument(
         "--scheduler",
-        help="address of a Dask scheduler to join (default: the config's; none starts a LocalCluster)",
+        help="address of a Dask scheduler to join (default: the config's; none starts a "
+             "LocalCluster)",
     )
     p.add_argument(
         "--nproc",
         type=int,
         metavar="N",
         help="shortcut for --set train.processes=N: train on N data-parallel processes, one GPU "
-        "each on CUDA (or run the command under torchrun --nproc-per-node N; default: the config's)",
+        "each on CUDA (or run the command under torchrun --nproc-per-node N; default: the "
+        "config's)",
     )
     _quiet(p)
 
@@ -134,13 +137,15 @@ def _print_result(result: dict) -> None:
         print(f"shards:   {result['shards']}  (manifest: {manifest_path(result['shards'])})")
         funnel = result["manifest"]["funnel"]
         print(
-            f"funnel:   {funnel.get('candidates', 0):,} candidates -> {funnel.get('kept', 0):,} kept"
+            f"funnel:   {funnel.get('candidates', 0):,} candidates -> {funnel.get('kept', 0):,} "
+            "kept"
         )
     if "model" in result:
         print(f"model:    {result['model']}")
     for name, m in result.get("eval", {}).items():
         print(
-            f"{name:8s}  nDCG@10 {m['ndcg@10']:.4f}  Recall@100 {m['recall@100']:.4f}  MRR@10 {m['mrr@10']:.4f}"
+            f"{name:8s}  nDCG@10 {m['ndcg@10']:.4f}  Recall@100 {m['recall@100']:.4f}  MRR@10 "
+            f"{m['mrr@10']:.4f}"
         )
     print("timings:  " + ", ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items()))
 

@@ -1,4 +1,5 @@
-"""The Dask cluster a run uses: an existing scheduler when given its address, else a LocalCluster."""
+"""The Dask cluster a run uses: an existing scheduler when given its address, else a
+LocalCluster."""
 
 from __future__ import annotations
 
@@ -59,10 +60,15 @@ def _local_cluster(cfg: ClusterConfig, texts: int | None):
         # One task at a time, each with all the cores for torch/faiss: a single model in memory
         # and no process start-up. Tasks are the same functions, so the output is the same.
         cluster = LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=False,
-            dashboard_address=":0", silence_logs=logging.ERROR,
+            n_workers=1,
+            threads_per_worker=1,
+            processes=False,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
         )
-        log.info("LocalCluster: 1 in-process worker (cluster.workers: %s, %s texts)", cfg.workers, texts)
+        log.info(
+            "LocalCluster: 1 in-process worker (cluster.workers: %s, %s texts)", cfg.workers, texts
+        )
         return cluster, 1, 1
     gpus = cuda_devices() if not cfg.n_workers else 0  # an explicit n_workers means CPU workers
     if gpus:
@@ -76,8 +82,11 @@ def _local_cluster(cfg: ClusterConfig, texts: int | None):
     workers, threads = local_shape(cfg)
     # ":0": a free port, so parallel runs never fight over 8787.
     cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=threads, processes=True,
-        dashboard_address=":0", silence_logs=logging.ERROR,
+        n_workers=workers,
+        threads_per_worker=threads,
+        processes=True,
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
     )
     log.info("LocalCluster: %d worker(s) x %d thread(s)", workers, threads)
     return cluster, workers, threads

@@ -75,7 +75,12 @@ def embed_texts(
                 prefix, workers.torch_threads, part.sizes, key=f"embed-{key}", pure=False,
             )
         )
-    log.info("embedding %d texts: %d of %d partitions cached", len(ids), len(paths) - len(futures), len(paths))
+    log.info(
+        "embedding %d texts: %d of %d partitions cached",
+        len(ids),
+        len(paths) - len(futures),
+        len(paths),
+    )
     _gather(workers, futures, f"embed ({cache_dir.name})")
     got_ids, vecs = embed.read_embeddings(paths) if paths else ([], np.empty((0, 0), np.float32))
     order = np.concatenate([p.rows for p in parts]) if parts else np.empty(0, np.int64)
@@ -85,8 +90,15 @@ def embed_texts(
     return list(ids), out
 
 
-def _token_lengths(workers: Workers, texts: list[str], prefix: str, model_path: Path, model_fp: str,
-                   cfg: EmbedConfig, cache_dir: Path) -> np.ndarray:
+def _token_lengths(
+    workers: Workers,
+    texts: list[str],
+    prefix: str,
+    model_path: Path,
+    model_fp: str,
+    cfg: EmbedConfig,
+    cache_dir: Path,
+) -> np.ndarray:
     """[N] token lengths, tokenized on the cluster in contiguous chunks; kept in ``cache_dir``
     keyed by tokenizer, max_length and texts, so a rerun that finds every partition cached needs
     no model."""
@@ -97,8 +109,14 @@ def _token_lengths(workers: Workers, texts: list[str], prefix: str, model_path: 
     step = max(cfg.partition_size, 1024)  # chunking only splits the work
     futures = [
         workers.client.submit(
-            embed.token_lengths, texts[start : start + step], str(model_path), cfg, prefix,
-            workers.torch_threads, key=f"lengths-{key}-{start}", pure=False,
+            embed.token_lengths,
+            texts[start : start + step],
+            str(model_path),
+            cfg,
+            prefix,
+            workers.torch_threads,
+            key=f"lengths-{key}-{start}",
+            pure=False,
         )
         for start in range(0, len(texts), step)
     ]
@@ -124,7 +142,9 @@ def _shard_layout(work_dir: Path, icfg: IndexConfig) -> tuple[list[Path], list[t
     return index_paths(work_dir, icfg.shards)[: len(bounds)], bounds
 
 
-def _build_shard(trained: str, vecs_path: str, start: int, stop: int, out_path: str, threads: int) -> str:
+def _build_shard(
+    trained: str, vecs_path: str, start: int, stop: int, out_path: str, threads: int
+) -> str:
     import faiss
 
     faiss.omp_set_num_threads(threads)
@@ -134,7 +154,9 @@ def _build_shard(trained: str, vecs_path: str, start: int, stop: int, out_path: 
     return out_path
 
 
-def build_index_shards(workers: Workers, work_dir: Path, icfg: IndexConfig, seed: int) -> list[Path]:
+def build_index_shards(
+    workers: Workers, work_dir: Path, icfg: IndexConfig, seed: int
+) -> list[Path]:
     """Train once here on a sample of ``doc_vecs.npy`` (so every shard shares one quantizer), then
     fill one index per contiguous shard of the corpus in a Dask task each."""
     doc_vecs = np.load(work_dir / "doc_vecs.npy", mmap_mode="r")
@@ -143,15 +165,26 @@ def build_index_shards(workers: Workers, work_dir: Path, icfg: IndexConfig, seed
     paths, bounds = _shard_layout(work_dir, icfg)
     futures = [
         workers.client.submit(
-            _build_shard, str(trained), str(work_dir / "doc_vecs.npy"), a, b, str(path),
-            workers.torch_threads, key=f"index-{path.name}-{a}-{b}", pure=False,
+            _build_shard,
+            str(trained),
+            str(work_dir / "doc_vecs.npy"),
+            a,
+            b,
+            str(path),
+            workers.torch_threads,
+            key=f"index-{path.name}-{a}-{b}",
+            pure=False,
         )
         for path, (a, b) in zip(paths, bounds)
     ]
     _gather(workers, futures, "index")
     trained.unlink()
-    log.info("built %d index shard(s) of %s over %d docs", len(paths),
-             index.choose_factory(*doc_vecs.shape, icfg), len(doc_vecs))
+    log.info(
+        "built %d index shard(s) of %s over %d docs",
+        len(paths),
+        index.choose_factory(*doc_vecs.shape, icfg),
+        len(doc_vecs),
+    )
     return paths
 
 
@@ -214,13 +247,23 @@ def _search_task(queries: np.ndarray, index_path: str, k: int, icfg: IndexConfig
 def _block_rows(chunks: list[list[tuple]], rows: tuple[int, int]) -> list[tuple]:
     """Per shard: the search grid chunks a block spans, joined and cut to the block's rows."""
     a, b = rows
-    return [(np.concatenate([d for d, _ in c])[a:b], np.concatenate([i for _, i in c])[a:b])
-            for c in chunks]
+    return [
+        (np.concatenate([d for d, _ in c])[a:b], np.concatenate([i for _, i in c])[a:b])
+        for c in chunks
+    ]
 
 
 def _mine_task(
-    block: mine.PairBlock, out_path: str, chunks: list, rows: tuple[int, int], offsets: list[int],
-    vecs_path: str, hash_path: str, doc_ids_path: str, mcfg: MineConfig, seed: int,
+    block: mine.PairBlock,
+    out_path: str,
+    chunks: list,
+    rows: tuple[int, int],
+    offsets: list[int],
+    vecs_path: str,
+    hash_path: str,
+    doc_ids_path: str,
+    mcfg: MineConfig,
+    seed: int,
 ) -> str:
     path = Path(out_path)
     if path.exists():
@@ -270,10 +313,24 @@ class _SearchGrid:
     block (BLAS sums a distance in an order set by how many queries share the call), and a chunk
     two small blocks share is searched once. Tasks are submitted on first use."""
 
-    def __init__(self, workers: Workers, blocks: list[mine.PairBlock], shard_paths: list[Path],
-                 homes: list[str], icfg: IndexConfig, k: int, key: str):
+    def __init__(
+        self,
+        workers: Workers,
+        blocks: list[mine.PairBlock],
+        shard_paths: list[Path],
+        homes: list[str],
+        icfg: IndexConfig,
+        k: int,
+        key: str,
+    ):
         self.workers, self.shard_paths, self.homes, self.icfg, self.k, self.key = (
-            workers, shard_paths, homes, icfg, k, key)
+            workers,
+            shard_paths,
+            homes,
+            icfg,
+            k,
+            key,
+        )
         self.blocks, self.grid = blocks, icfg.query_block
         self.ends = np.cumsum([len(b.query_ids) for b in blocks], dtype=np.int64)
         self.chunks: dict[int, list] = {}
@@ -291,8 +348,15 @@ class _SearchGrid:
             queries = self._queries(c * self.grid, min((c + 1) * self.grid, int(self.ends[-1])))
             self.chunks[c] = [
                 self.workers.client.submit(
-                    _search_task, queries, str(sp), self.k, self.icfg, self.workers.torch_threads,
-                    key=f"search-{self.key}-{c}-{s}", pure=False, **_home(self.homes, s),
+                    _search_task,
+                    queries,
+                    str(sp),
+                    self.k,
+                    self.icfg,
+                    self.workers.torch_threads,
+                    key=f"search-{self.key}-{c}-{s}",
+                    pure=False,
+                    **_home(self.homes, s),
                 )
                 for s, sp in enumerate(self.shard_paths)
             ]
@@ -336,8 +400,15 @@ def mine_pairs(
     shard_paths, bounds = _shard_layout(work_dir, icfg)
     offsets = [a for a, _ in bounds]
     homes = sorted(workers.client.scheduler_info()["workers"]) if len(shard_paths) > 1 else []
-    search = _SearchGrid(workers, blocks, shard_paths, homes, icfg, mcfg.top_k,
-                         content_hash([index_fp, settings, *(q for b in blocks for q in b.query_ids)]))
+    search = _SearchGrid(
+        workers,
+        blocks,
+        shard_paths,
+        homes,
+        icfg,
+        mcfg.top_k,
+        content_hash([index_fp, settings, *(q for b in blocks for q in b.query_ids)]),
+    )
     ends = np.cumsum([len(b.query_ids) for b in blocks], dtype=np.int64)
     futures, paths = [], []
     for block, stop in zip(blocks, ends.tolist()):
@@ -349,8 +420,17 @@ def mine_pairs(
         chunks, rows = search.rows(stop - len(block.query_ids), stop)
         futures.append(
             workers.client.submit(
-                _mine_task, block, str(path), chunks, rows, offsets, *args, mcfg, seed,
-                key=f"mine-{key}", pure=False,
+                _mine_task,
+                block,
+                str(path),
+                chunks,
+                rows,
+                offsets,
+                *args,
+                mcfg,
+                seed,
+                key=f"mine-{key}",
+                pure=False,
             )
         )
     del search  # a chunk's hits are freed once the mine tasks that read them finish
@@ -369,21 +449,37 @@ def mine_pairs(
 # --- the stages on the cluster: records in, a record out (pipelines.run wires them) --------
 
 
-def embed_stage(workers: Workers, read: Read, model: Model, ecfg: EmbedConfig,
-                cache: Path) -> Embedded:
+def embed_stage(
+    workers: Workers, read: Read, model: Model, ecfg: EmbedConfig, cache: Path
+) -> Embedded:
     """Docs then queries, each cached per partition under ``cache``."""
     q = read.dataset.queries
-    doc_ids, doc_vecs = embed_texts(workers, read.corpus["doc_id"].to_list(), read.texts,
-                                    ecfg.doc_prefix, model.path, model.fingerprint, ecfg,
-                                    cache / "docs")
-    q_ids, q_vecs = embed_texts(workers, q["query_id"].to_list(), q["text"].to_list(),
-                                ecfg.query_prefix, model.path, model.fingerprint, ecfg,
-                                cache / "queries")
+    doc_ids, doc_vecs = embed_texts(
+        workers,
+        read.corpus["doc_id"].to_list(),
+        read.texts,
+        ecfg.doc_prefix,
+        model.path,
+        model.fingerprint,
+        ecfg,
+        cache / "docs",
+    )
+    q_ids, q_vecs = embed_texts(
+        workers,
+        q["query_id"].to_list(),
+        q["text"].to_list(),
+        ecfg.query_prefix,
+        model.path,
+        model.fingerprint,
+        ecfg,
+        cache / "queries",
+    )
     return Embedded(doc_ids, doc_vecs, q_ids, q_vecs)  # fmt: skip
 
 
-def index_stage(workers: Workers, work: Path, cfg: Config, read: Read, model: Model,
-                emb: Embedded) -> str:
+def index_stage(
+    workers: Workers, work: Path, cfg: Config, read: Read, model: Model, emb: Embedded
+) -> str:
     """Index plus the arrays mine tasks memory-map, skipped when the same embeddings are
     indexed; checked against the queries' model and dimension before any search. -> its
     fingerprint."""
@@ -406,13 +502,13 @@ def guard_stage(work: Path, fp: str, cfg: Config, read: Read, emb: Embedded) -> 
     return Indexed(work, fp, replace(cfg.index, nprobe=nprobe), recall)
 
 
-def mine_stage(workers: Workers, cfg: Config, read: Read, emb: Embedded,
-               indexed: Indexed) -> Mined:
+def mine_stage(workers: Workers, cfg: Config, read: Read, emb: Embedded, indexed: Indexed) -> Mined:
     """The ceiling calibrated (when asked), then every block mined on the cluster."""
     blocks = mine_logic.blocks(read, emb, indexed, cfg.mine.query_partition)
     mcfg, cal = mine_logic.calibrate_ceiling(cfg, read, emb, indexed)
-    pairs, forbidden, funnel = mine_pairs(workers, blocks, indexed.work, indexed.fingerprint,
-                                          indexed.index, mcfg, cfg.seed)
+    pairs, forbidden, funnel = mine_pairs(
+        workers, blocks, indexed.work, indexed.fingerprint, indexed.index, mcfg, cfg.seed
+    )
     return Mined(pairs, forbidden, funnel, read.known, mcfg, cal, {})  # fmt: skip
 
 
@@ -422,8 +518,9 @@ def train_stage(cfg: Config, out: Path, model: Model) -> Path:
     return train(out / "shards", out / "model", model.path, cfg.train, cfg.embed, cfg.seed)
 
 
-def evaluate_stage(workers: Workers, cfg: Config, read: Read, cache: Path, model: Model,
-                   trained: str | None) -> dict:
+def evaluate_stage(
+    workers: Workers, cfg: Config, read: Read, cache: Path, model: Model, trained: str | None
+) -> dict:
     """Base model and trained model side by side on the held-out split."""
     from curate.eval.evaluate import evaluate
 

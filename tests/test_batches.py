@@ -166,7 +166,8 @@ def test_same_seed_same_batches_other_seed_differs():
 
 def test_full_topic_share_gives_single_topic_batches():
     rows = [row(f"p{i}", f"n{i}", topic=i % 2) for i in range(16)]
-    batches, _, _ = compose(rows, BatchConfig(batch_size=4, topics="cluster", same_topic=1.0), seed=1)
+    cfg = BatchConfig(batch_size=4, topics="cluster", same_topic=1.0)
+    batches, _, _ = compose(rows, cfg, seed=1)
     assert len(batches) == 4
     assert all(len({rows[i].topic for i in b}) == 1 for b in batches)
 
@@ -197,8 +198,10 @@ def test_spread_mixes_topics_up_to_the_cap():
 def test_spread_topic_cap_setting_and_uneven_topics():
     # Topic 0 has 3/4 of the rows: with cap 2 a batch of 4 still mixes, and the rows it
     # cannot mix (the end, when only topic 0 is left) are placed over the cap and counted.
-    rows = [Row(f"p{i}", (f"n{i}",), frozenset({f"p{i}"}), 0 if i < 24 else 1 + (i - 24) // 4, f"q{i}")
-            for i in range(32)]
+    rows = [
+        Row(f"p{i}", (f"n{i}",), frozenset({f"p{i}"}), 0 if i < 24 else 1 + (i - 24) // 4, f"q{i}")
+        for i in range(32)
+    ]
     batches, _, stats = compose(rows, BatchConfig(batch_size=4, topics="spread", topic_cap=2), 1)
     over = sum(max(0, Counter(rows[i].topic for i in b)[0] - 2) for b in batches)
     assert over == stats["rows_over_topic_cap"] > 0

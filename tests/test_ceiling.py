@@ -63,7 +63,9 @@ def test_single_positive_data_keeps_the_configured_ceiling():
 
 
 def test_pipeline_mines_with_the_calibrated_ceiling(tmp_path, cranfield, tiny_model, monkeypatch):
-    cfg = pipeline_config(tmp_path / "out", cranfield, tiny_model, cluster={"workers": "in_process"})
+    cfg = pipeline_config(
+        tmp_path / "out", cranfield, tiny_model, cluster={"workers": "in_process"}
+    )
     cfg["mine"] = {**cfg["mine"], "max_relative": None, "calibrate_ceiling": 0.0}
     cfg["train"] = {"enabled": False}
     cfg["eval"] = {"enabled": False}

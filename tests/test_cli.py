@@ -138,8 +138,13 @@ def remote_code_folder(tmp_path, tiny_model) -> Path:
     folder = tmp_path / "remote-model"
     shutil.copytree(tiny_model, folder)
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="custom_bert", auto_map={
-        "AutoConfig": "modeling_custom.CustomConfig", "AutoModel": "modeling_custom.CustomModel"})  # fmt: skip
+    config.update(
+        model_type="custom_bert",
+        auto_map={
+            "AutoConfig": "modeling_custom.CustomConfig",
+            "AutoModel": "modeling_custom.CustomModel",
+        },
+    )
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "modeling_custom.py").write_text("raise SystemExit('this code must never run')\n")
     return folder
@@ -175,5 +180,11 @@ def test_a_batch_larger_than_the_data_with_drop_last_is_refused(cranfield, tmp_p
         err = capsys.readouterr().err
         assert "batch.batch_size=2000" in err and "batch.drop_last" in err and "1077" in err
     assert not out.exists()
-    argv = ["validate", "--data", str(cranfield), "-q", *sets[:4]]  # without drop_last: one short batch
+    argv = [
+        "validate",
+        "--data",
+        str(cranfield),
+        "-q",
+        *sets[:4],
+    ]  # without drop_last: one short batch
     assert cli.main(argv) == 0

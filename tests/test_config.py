@@ -76,7 +76,8 @@ def test_out_of_range(override, message):
 def test_literal_choice():
     with pytest.raises(
         ConfigError,
-        match=r"--set mine\.strategy=best: 'best' is not allowed; choose one of \['top', 'random'\]",
+        match=r"--set mine\.strategy=best: 'best' is not allowed; choose one of \['top', "
+              r"'random'\]",
     ):
         load_config(None, ["mine.strategy=best"])
     assert load_config(None, ["mine.strategy=random"]).mine.strategy == "random"
@@ -183,8 +184,10 @@ def test_dict_configs_with_overrides_name_the_set():
     [
         (["mine.top_k=5", "mine.num_negatives=10"], ("mine.num_negatives", "mine.top_k")),
         (["mine.range_min=60", "mine.range_max=50"], ("mine.range_min", "mine.range_max")),
-        (["mine.range_min=60", "mine.top_k=50", "mine.range_max=200"],
-         ("mine.range_min", "mine.top_k")),  # the window starts past the search depth
+        (
+            ["mine.range_min=60", "mine.top_k=50", "mine.range_max=200"],
+            ("mine.range_min", "mine.top_k"),
+        ),  # the window starts past the search depth
         (["mine.range_min=95", "mine.num_negatives=7"], ("mine.num_negatives", "mine.range_min")),
         (["mine.range_max=5", "mine.num_negatives=6"], ("mine.num_negatives", "mine.range_max")),
     ],

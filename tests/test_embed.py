@@ -21,7 +21,8 @@ SENTENCES = [
     "The boundary layer separates at high angles of attack.",
     "a",
     "Heat transfer in hypersonic flow over a flat plate with a very long leading edge region",
-    "What similarity laws must be obeyed when constructing aeroelastic models of heated high speed aircraft?",
+    "What similarity laws must be obeyed when constructing aeroelastic models of heated high speed "
+    "aircraft?",
     "Nozzle flow.",
 ]
 
@@ -85,7 +86,9 @@ def test_plan_is_content_defined():
     lengths = rng.integers(1, 300, size=5000)
     hashes = rng.integers(0, 2**63, size=5000, dtype=np.uint64)
     before = {tuple(b) for b in _plan_batches(embed_plan.plan(lengths, hashes, 2048, 256))}
-    after = _plan_batches(embed_plan.plan(np.append(lengths, 150), np.append(hashes, np.uint64(12345)), 2048, 256))
+    after = _plan_batches(
+        embed_plan.plan(np.append(lengths, 150), np.append(hashes, np.uint64(12345)), 2048, 256)
+    )
     assert len({tuple(b) for b in after} - before) <= 5 < len(before)
 
 
@@ -149,8 +152,9 @@ def test_embed_texts_resumes_by_content_hash(tmp_path, tiny_model):
     from pipelines.stages import embed_texts
 
     # A small budget: many batches of a few rows, so partitions of 4 texts are several.
-    cfg = EmbedConfig(model=str(tiny_model), max_length=32, partition_size=4, dtype="float32",
-                      token_budget=64)
+    cfg = EmbedConfig(
+        model=str(tiny_model), max_length=32, partition_size=4, dtype="float32", token_budget=64
+    )
     ids = [f"d{i}" for i in range(40)]
     texts = [f"text number {i} " * (i % 7 + 1) for i in range(40)]
     fp = model_fingerprint(tiny_model)

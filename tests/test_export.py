@@ -53,7 +53,8 @@ def _small_run(root, neg_counts, batch_size=2):
     """Shards whose row i has ``neg_counts[i]`` negatives, in a run of num_negatives 2."""
     rows = [{"batch_id": i // batch_size, "query_id": f"q{i}", "query": f"question {i}",
              "pos_id": f"p{i}", "pos": f"answer {i}", "pos_score": 0.9,
-             "neg_ids": [f"n{i}.{j}" for j in range(k)], "negs": [f"other {i}.{j}" for j in range(k)],
+             "neg_ids": [f"n{i}.{j}" for j in range(k)],
+             "negs": [f"other {i}.{j}" for j in range(k)],
              "neg_scores": [0.5 - j / 10 for j in range(k)], "neg_ranks": list(range(1, k + 1)),
              "topic": 0, "known_pos_ids": [f"p{i}"]}
             for i, k in enumerate(neg_counts)]  # fmt: skip

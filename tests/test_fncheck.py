@@ -121,13 +121,24 @@ def cran(cranfield):
     """Query 1 of Cranfield, its train positives, and 6 other docs as its 'negatives'."""
     qtext = {q["_id"]: q["text"] for q in map(json.loads, (cranfield / "queries.jsonl").open())}
     dtext = {d["_id"]: d["text"] for d in map(json.loads, (cranfield / "corpus.jsonl").open())}
-    qrels = pl.read_csv(cranfield / "qrels" / "train.tsv", separator="\t", schema_overrides={"query-id": pl.String, "corpus-id": pl.String})  # fmt: skip
+    qrels = pl.read_csv(
+        cranfield / "qrels" / "train.tsv",
+        separator="\t",
+        schema_overrides={"query-id": pl.String, "corpus-id": pl.String},
+    )
     q = qrels["query-id"][0]
     pos = qrels.filter(pl.col("query-id") == q)["corpus-id"].to_list()[:2]
     negs = [d for d in list(dtext)[:40] if d not in pos][:6]
     rows = [(q, p, 0.8, [(n, 0.75) for n in negs[i::2]]) for i, p in enumerate(pos)]
-    forbidden = pa.table({"query_id": [q], "doc_id": [negs[0]], "reason": ["above_ceiling"],
-                          "score": pa.array([0.9], pa.float32())}, schema=schema.FORBIDDEN)  # fmt: skip
+    forbidden = pa.table(
+        {
+            "query_id": [q],
+            "doc_id": [negs[0]],
+            "reason": ["above_ceiling"],
+            "score": pa.array([0.9], pa.float32()),
+        },
+        schema=schema.FORBIDDEN,
+    )
     return q, pos, negs, mined_table(rows).to_arrow(), forbidden, qtext, dtext
 
 

@@ -21,7 +21,9 @@ RUN = (
 
 def test_smoke_runs_without_faiss_polars_dask_and_writes_its_json(tmp_path):
     out = tmp_path / "gpu_check.json"
-    code = RUN.format(without=WITHOUT, out=str(out), script=str(REPO / "benchmarks" / "gpu_check.py"))
+    code = RUN.format(
+        without=WITHOUT, out=str(out), script=str(REPO / "benchmarks" / "gpu_check.py")
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -33,5 +35,7 @@ def test_smoke_runs_without_faiss_polars_dask_and_writes_its_json(tmp_path):
     assert got["mine"]["large_queries_per_s"] > 0
     assert got["train"]["rows"] == 16 and got["train"]["curate_loss"] > 0
     assert got["train"]["st_loss"] > 0
-    assert set(got["ratios"]) == {"embed", "mine", "train"} and all(r > 0 for r in got["ratios"].values())
+    assert set(got["ratios"]) == {"embed", "mine", "train"} and all(
+        r > 0 for r in got["ratios"].values()
+    )
     assert "ratios (curate / sentence-transformers)" in proc.stdout

@@ -95,7 +95,8 @@ def test_a_run_that_makes_the_model_worse_fails_loudly(wrecking, capsys):
     assert guard["message"].startswith(message) and guard["level"] == "failure"
     causes = "\n".join(guard["likely_causes"])
     for text in ("short of mine.num_negatives", "masked share of each softmax",
-                 "ceiling used: mine.max_relative = 0.95", "rows of one query in a batch"):  # fmt: skip
+                 "ceiling used: mine.max_relative = "
+                 "0.95", "rows of one query in a batch"):  # fmt: skip
         assert text in causes
     assert last[0] == f"FAILURE: {guard['message']}"
     page = (out / "report.html").read_text()

@@ -71,8 +71,9 @@ def test_effective_setting_wins_over_the_configured_one():
 
 
 def test_final_loss_is_smoothed_and_a_short_last_batch_is_marked():
-    log = [{"step": i + 1, "loss": 2.0 + (i % 2), "rows": 8, "masked_fraction": 0.1}
-           for i in range(20)] + [{"step": 21, "loss": 0.3, "rows": 2, "masked_fraction": 0.1}]  # fmt: skip
+    log = [
+        {"step": i + 1, "loss": 2.0 + (i % 2), "rows": 8, "masked_fraction": 0.1} for i in range(20)
+    ] + [{"step": 21, "loss": 0.3, "rows": 2, "masked_fraction": 0.1}]
     got = health.loss_summary(log)
     assert got["smoothed_loss"] == 2.5 and got["smoothed_steps"] == health.SMOOTH_STEPS
     assert got["short_last_batch"] and got["last_rows"] == 2 and got["full_rows"] == 8
@@ -93,8 +94,9 @@ def test_worse_than_base_is_a_failure_naming_its_causes():
         == "training made the model worse: nDCG@10 0.320 -> 0.161 on the held-out split"
     )
     causes = "\n".join(w["likely_causes"])
-    for text in ("25 of 100 rows (25.0%) short of mine.num_negatives", "masked share of each "
-                 "softmax: 25.0%", "3.0 per batch", "mine.max_relative = 0.95", "train.lr 0.01"):  # fmt: skip
+    for text in ("25 of 100 rows (25.0%) short of mine.num_negatives",
+                 "masked share of each softmax: 25.0%", "3.0 per batch",
+                 "mine.max_relative = 0.95", "train.lr 0.01"):  # fmt: skip
         assert text in causes
     assert health.verdict([w]) == "worse_than_base"
     assert (

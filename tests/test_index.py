@@ -1,4 +1,5 @@
-"""Index and search checked against brute force: flat, blocked, sharded + merged, IVF at full nprobe."""
+"""Index and search checked against brute force: flat, blocked, sharded + merged, IVF at full
+nprobe."""
 
 from __future__ import annotations
 

@@ -43,11 +43,14 @@ def test_the_library_imports_neither_its_wiring_nor_dask():
         for mod, _, line in _imports(p)
         if mod.split(".")[0] in ("pipelines", "dask", "distributed")
     ]
-    assert not bad, "curate/ must not import pipelines/ or Dask (docs/architecture.md):\n" + "\n".join(bad)
+    assert not bad, (
+        "curate/ must not import pipelines/ or Dask (docs/architecture.md):\n" + "\n".join(bad)
+    )
 
 
 def test_importing_curate_loads_no_wiring():
-    code = "import sys, curate; print(sorted(m for m in sys.modules if m.split('.')[0] in ('pipelines', 'dask')))"
+    code = ("import sys, curate; print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('pipelines', 'dask')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          check=True)  # fmt: skip
     assert out.stdout.strip() == "[]"

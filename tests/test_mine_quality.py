@@ -165,7 +165,8 @@ def _config(out: Path, cache: Path, data: Path, model: Path, scorer: Path, parts
                   "recall_sample": 50},
         # The random tiny BERT puts all texts close together: loosen the score-based filters.
         "mine": {"top_k": 30, "num_negatives": 3, "range_max": 30, "max_relative": None,
-                 "near_dup_threshold": 0.99999, "query_partition": 30 // parts},  # queries per partition
+                 # query_partition: queries per partition
+                 "near_dup_threshold": 0.99999, "query_partition": 30 // parts},
         "fncheck": {"scorer": str(scorer), "band": [0.85, 1.2], "max_length": 64},
         "teacher": {"scorer": str(scorer), "max_length": 64},
         "batch": {"batch_size": 8, "batches_per_shard": 4},

@@ -40,7 +40,9 @@ def test_shards_do_not_depend_on_embed_partition_size(tmp_path, cranfield, tiny_
     data = write_slice(tmp_path / "data", cranfield)
     small = _run(tmp_path / "small", data, tiny_model, partition_size=7, query_partition=8)
     large = _run(tmp_path / "large", data, tiny_model, partition_size=1000, query_partition=8)
-    _assert_same(_without(small, "embed", "partition_size"), _without(large, "embed", "partition_size"))
+    _assert_same(
+        _without(small, "embed", "partition_size"), _without(large, "embed", "partition_size")
+    )
 
 
 @pytest.fixture
@@ -61,4 +63,6 @@ def test_shards_do_not_depend_on_mine_query_partition(tmp_path, cranfield, tiny_
     data = write_slice(tmp_path / "data", cranfield)
     small = _run(tmp_path / "small", data, tiny_model, partition_size=60, query_partition=3)
     large = _run(tmp_path / "large", data, tiny_model, partition_size=60, query_partition=64)
-    _assert_same(_without(small, "mine", "query_partition"), _without(large, "mine", "query_partition"))
+    _assert_same(
+        _without(small, "mine", "query_partition"), _without(large, "mine", "query_partition")
+    )

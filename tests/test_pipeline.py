@@ -69,7 +69,9 @@ def test_shards_pass_schema_and_invariants(first_run):
     assert 0.0 <= result["eval"]["base"]["ndcg@10"] <= 1.0
 
 
-def test_rerun_from_scratch_in_process_is_byte_identical(first_run, tmp_path, cranfield, tiny_model):
+def test_rerun_from_scratch_in_process_is_byte_identical(
+    first_run, tmp_path, cranfield, tiny_model
+):
     """A fresh run on one in-process worker (what a small corpus gets by default) writes the
     same bytes as the 2-process run: the tasks, not where they run, decide the output."""
     out, _ = first_run
@@ -109,4 +111,3 @@ def test_in_process_worker_choice(cluster, texts, want):
     from pipelines.cluster import in_process
 
     assert in_process(ClusterConfig(**cluster), texts) is want
-

@@ -54,14 +54,17 @@ def _beir(root: Path, docs=DOCS, queries=QUERIES, qrels=QRELS) -> Path:
 _BAD = {
     "missing corpus": (lambda r: (r / "corpus.jsonl").unlink(), "corpus.jsonl", "not found", None),
     "misnamed id column": (
-        lambda r: _beir(r, docs=[{"id": "d1", "text": "x"}]), "corpus.jsonl", "did you mean 'id'", 1),
+        lambda r: _beir(r, docs=[{"id": "d1", "text": "x"}]), "corpus.jsonl",
+        "did you mean 'id'", 1),
     "duplicate ids": (
         lambda r: _beir(r, docs=[*DOCS, {"_id": "d1", "text": "again"}]), "corpus.jsonl",
         "duplicate doc_id 'd1'", 3),
     "qrels unknown doc": (
-        lambda r: _beir(r, qrels=QRELS + "q1\td9\t1\n"), "train.tsv", "'d9' is not in the corpus", 4),
+        lambda r: _beir(r, qrels=QRELS + "q1\td9\t1\n"), "train.tsv",
+        "'d9' is not in the corpus", 4),
     "qrels unknown query": (
-        lambda r: _beir(r, qrels=QRELS + "q7\td1\t1\n"), "train.tsv", "'q7' is not in the queries", 4),
+        lambda r: _beir(r, qrels=QRELS + "q7\td1\t1\n"), "train.tsv",
+        "'q7' is not in the queries", 4),
     "whitespace text": (
         lambda r: _beir(r, queries=[*QUERIES, {"_id": "q3", "text": " \t"}]), "queries.jsonl",
         "whitespace-only", 3),
@@ -69,7 +72,8 @@ _BAD = {
         lambda r: _beir(r, docs=[*DOCS, b'{"_id": "d3", "text": "caf\xe9"}']), "corpus.jsonl",
         "invalid UTF-8", 3),
     "malformed json": (
-        lambda r: _beir(r, docs=[DOCS[0], b'{"_id": "d3", "te']), "corpus.jsonl", "malformed JSON", 2),
+        lambda r: _beir(r, docs=[DOCS[0], b'{"_id": "d3", '
+                                          b'"te']), "corpus.jsonl", "malformed JSON", 2),
 }  # fmt: skip
 
 
@@ -169,8 +173,9 @@ def test_property_parquet_qrels_against_the_corpus(tmp_path_factory, kind, data)
     dtype = {"int": pl.Int64, "float": pl.Float64, "string": pl.String}[kind]
     schema = {"query-id": pl.String, "corpus-id": pl.String, "score": dtype}
     pl.DataFrame(rows, schema=schema, orient="row").write_parquet(root / "rels" / "train.parquet")
-    cfg = DataConfig(path=str(root), corpus=str(root / "c.parquet"), queries=str(root / "q.parquet"),
-                     qrels_dir=str(root / "rels"), eval_split=None)  # fmt: skip
+    cfg = DataConfig(path=str(root), corpus=str(root / "c.parquet"),
+                     queries=str(root / "q.parquet"), qrels_dir=str(root / "rels"),
+                     eval_split=None)  # fmt: skip
 
     def offends(q, d, s) -> bool:
         unknown = q not in {"q1", "q2"} or d not in {"d1", "d2"}

@@ -1,5 +1,6 @@
 """Pair scorers on Cranfield texts: a tiny random cross-encoder checked against a direct model
-call, batching invariance, the bi-encoder against curate.embed, and load errors that name the fix."""
+call, batching invariance, the bi-encoder against curate.embed.encoder, and load errors that name
+the fix."""
 
 from __future__ import annotations
 

@@ -52,8 +52,13 @@ def remote_code_model(tmp_path, tiny_model) -> tuple[Path, Path]:
     folder, marker = tmp_path / "remote-model", tmp_path / "code-ran"
     shutil.copytree(tiny_model, folder)
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="curate_remote", auto_map={
-        "AutoConfig": "configuration_remote.RemoteConfig", "AutoModel": "modeling_remote.RemoteModel"})  # fmt: skip
+    config.update(
+        model_type="curate_remote",
+        auto_map={
+            "AutoConfig": "configuration_remote.RemoteConfig",
+            "AutoModel": "modeling_remote.RemoteModel",
+        },
+    )
     (folder / "config.json").write_text(json.dumps(config))
     for name in ("configuration_remote.py", "modeling_remote.py"):
         (folder / name).write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")

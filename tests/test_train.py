@@ -67,7 +67,9 @@ def _weights(path: Path) -> dict:
 
 
 def _cfg(**kw) -> TrainConfig:
-    return TrainConfig(max_steps=4, checkpoint_every=2, max_length=16, lr=1e-3, warmup_steps=1, **kw)
+    return TrainConfig(
+        max_steps=4, checkpoint_every=2, max_length=16, lr=1e-3, warmup_steps=1, **kw
+    )
 
 
 def test_resume_after_crash_equals_uninterrupted(tmp_path, tiny_model, monkeypatch):
@@ -91,7 +93,9 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, tiny_model, monkeypat
 
     a, b = _weights(straight), _weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    log_a = [json.loads(x)["loss"] for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    log_a = [
+        json.loads(x)["loss"] for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()
+    ]
     log_b = [json.loads(x) for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in log_b] == log_a  # steps 1, 2, then 3, 4 after the resume
     assert [r["step"] for r in log_b] == [1, 2, 3, 4]
@@ -154,9 +158,14 @@ def test_checkpoint_round_trips_onto_the_parameters_device(tmp_path, tiny_model)
 
     model2, opt2, sched2, temp2 = fresh(1)
     torch.manual_seed(7)
-    assert trainer.load_checkpoint(trainer.latest_checkpoint(tmp_path), model2, opt2, sched2, temp2) == 1
+    assert (
+        trainer.load_checkpoint(trainer.latest_checkpoint(tmp_path), model2, opt2, sched2, temp2)
+        == 1
+    )
     assert torch.equal(torch.rand(3), expected_draw)  # the RNG resumes where it was saved
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values())
+    )
     assert float(temp2().detach()) == float(temp().detach())
     assert sched2.state_dict() == sched.state_dict()
     device = next(model2.parameters()).device
@@ -187,8 +196,16 @@ def test_grad_scaler_path_gives_the_unscaled_loss_and_gradients(tmp_path, tiny_m
     for scaler in (None, torch.amp.GradScaler("cpu", init_scale=1024.0)):
         model = AutoModel.from_pretrained(str(tiny_model)).eval()
         opt = trainer.make_optimizer(cfg, list(model.parameters()), 0.05)
-        step = trainer.Stepper(cfg, trainer.encoder(model), tok, 0.05, trainer.parallel.SINGLE,
-                               torch.device("cpu"), trainer.load_forbidden(shard_dir), scaler)  # fmt: skip
+        step = trainer.Stepper(
+            cfg,
+            trainer.encoder(model),
+            tok,
+            0.05,
+            trainer.parallel.SINGLE,
+            torch.device("cpu"),
+            trainer.load_forbidden(shard_dir),
+            scaler,
+        )
         loss, _, _ = step.backward(rows, 0)
         if scaler is not None:
             scaler.unscale_(opt)

@@ -206,7 +206,8 @@ def distill_kl(
     teacher_temperature: float = 1.0,
     valid: Tensor | None = None,
 ) -> Tensor:
-    """KL(teacher || student) over [B, 1+n] candidate lists, batchmean; ``valid`` marks non-padding."""
+    """KL(teacher || student) over [B, 1+n] candidate lists, batchmean; ``valid`` marks
+    non-padding."""
     log_p = _masked_log_softmax(teacher_scores / teacher_temperature, valid)  # [B, 1+n]
     log_q = _masked_log_softmax(student_logits, valid)  # [B, 1+n]
     if valid is not None:

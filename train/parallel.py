@@ -207,7 +207,8 @@ def _entry(rank: int, size: int, port: int, fn, args: tuple) -> None:
     )  # fmt: skip
     # A spawned process starts with no logging set up: rank 0 reports as the caller would.
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+                        format="%(asctime)s %(levelname)s %(name)s: "
+                               "%(message)s", datefmt="%H:%M:%S")
     try:
         fn(*args)
     finally:

@@ -90,7 +90,8 @@ def batch_masks(cfg: TrainConfig, col_ids, known, rejected):
 
 
 def own_columns(rows: pl.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column numbers of each row's [positive, own negatives] -> (index [B, 1+n], valid [B, 1+n])."""
+    """Column numbers of each row's [positive, own negatives] ->
+    (index [B, 1+n], valid [B, 1+n])."""
     counts = [len(n) for n in rows["neg_ids"].to_list()]
     width, B = 1 + max(counts, default=0), len(counts)
     index = torch.zeros(B, width, dtype=torch.long)
@@ -169,9 +170,7 @@ def save_checkpoint(
     parallel.barrier(world)
 
 
-def load_checkpoint(
-    ckpt: Path, model, opt, sched, temp, world=parallel.SINGLE, scaler=None
-) -> int:
+def load_checkpoint(ckpt: Path, model, opt, sched, temp, world=parallel.SINGLE, scaler=None) -> int:
     """Restore a checkpoint saved on any device into objects on this one -> its step.
 
     Read onto the CPU (map_location): the RNG states must be CPU tensors, and load_state_dict
@@ -387,7 +386,8 @@ class Stepper:
 
 
 def make_loss(cfg: TrainConfig, temp, mask, positives, rows: pl.DataFrame, device=None):
-    """The batch's loss as a function of the embeddings q [B, D], d [C, D] (what GradCache needs)."""
+    """The batch's loss as a function of the embeddings q [B, D], d [C, D] (what GradCache
+    needs)."""
     index, valid = own_columns(rows) if cfg.distill != "none" else (None, None)
     teacher = teacher_scores(rows, index.shape[1]) if index is not None else None
     if device is not None:  # masks and teacher scores beside the embeddings
@@ -458,7 +458,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config", nargs="?", help="YAML config of the run (default: built-in)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     cfg = load_config(args.config, args.set)
     out = Path(cfg.output_dir)
     final = train(out / "shards", out / "model", resolve_model(cfg.embed.model), cfg.train,

@@ -166,8 +166,9 @@ def _spread(rows: list[Row], cfg: BatchConfig, rng, want):
         short = cfg.batch_size - len(batch.rows)
         if short and pool:  # only rows of topics already in the batch are left nearby
             relaxed = Caps(query=caps.query)
-            stats["rows_over_topic_cap"] += _take(pool, rows, placed, batch, short, cfg, stats, want,
-                                                  relaxed)
+            stats["rows_over_topic_cap"] += _take(
+                pool, rows, placed, batch, short, cfg, stats, want, relaxed
+            )
         if not batch.rows:  # nothing fit within the scan limit: start a batch with any row
             i = int(np.flatnonzero(~placed)[0])
             _add(batch, i, rows[i], stats, want)

@@ -66,7 +66,9 @@ def build_rows(
     return out, rows, stats
 
 
-def query_topics(query_ids: list[str], vecs: np.ndarray, cfg: BatchConfig, seed: int) -> dict[str, int]:
+def query_topics(
+    query_ids: list[str], vecs: np.ndarray, cfg: BatchConfig, seed: int
+) -> dict[str, int]:
     k = topics.n_topics_for(len(query_ids), cfg.n_topics, cfg.batch_size)
     return dict(zip(query_ids, topics.cluster(vecs, k, seed).tolist()))
 
@@ -116,7 +118,9 @@ def shard_table(
             "pos": [doc_text[d] for d in df["pos_id"]],
             "pos_score": pa.array(df["pos_score"].to_list(), pa.float32()),
             "neg_ids": pa.array(cols["neg_ids"], pa.list_(pa.string())),
-            "negs": pa.array([[doc_text[d] for d in n] for n in cols["neg_ids"]], pa.list_(pa.string())),
+            "negs": pa.array(
+                [[doc_text[d] for d in n] for n in cols["neg_ids"]], pa.list_(pa.string())
+            ),
             "neg_scores": pa.array(cols["neg_scores"], pa.list_(pa.float32())),
             "neg_ranks": pa.array(cols["neg_ranks"], pa.list_(pa.int32())),
             "topic": pa.array(df["topic"].to_list(), pa.int32()),

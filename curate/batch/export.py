@@ -170,7 +170,8 @@ class ShardOrderSampler:
 
     def __call__(self, dataset, **_ignored) -> ShardOrderSampler:
         if len(dataset) != sum(self.batch_sizes):
-            raise ValueError(f"dataset has {len(dataset)} rows, batches.json {sum(self.batch_sizes)}")
+            raise ValueError(f"dataset has {len(dataset)} rows, batches.json "
+                             f"{sum(self.batch_sizes)}")
         return self
 
     def __iter__(self):

@@ -58,7 +58,9 @@ def canonical_map(cfg: Config, read: Read, emb: Embedded) -> tuple[dict[str, str
 def rejected_docs(forbidden: pa.Table) -> dict[str, set[str]]:
     """query_id -> the docs it must never see as a negative."""
     rejected: dict[str, set[str]] = {}
-    for q, d in zip(forbidden.column("query_id").to_pylist(), forbidden.column("doc_id").to_pylist()):
+    for q, d in zip(
+        forbidden.column("query_id").to_pylist(), forbidden.column("doc_id").to_pylist()
+    ):
         rejected.setdefault(q, set()).add(d)
     return rejected
 
@@ -69,10 +71,14 @@ def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined) -> C
     mined_df = pl.from_arrow(mined.pairs)
     train_q = mined_df["query_id"].unique(maintain_order=True).to_list()
     q_row = emb.query_row
-    topic_of = query_topics(train_q, emb.query_vecs[[q_row[q] for q in train_q]], cfg.batch, cfg.seed)
+    topic_of = query_topics(
+        train_q, emb.query_vecs[[q_row[q] for q in train_q]], cfg.batch, cfg.seed
+    )
     # Under canonical ids, as the shards: the mask then catches a rejected doc's twin too.
     forbidden = canonical_forbidden(mined.forbidden, canon)
-    rows_df, rows, stats = build_rows(mined_df, mined.known, canon, topic_of, rejected_docs(forbidden))
+    rows_df, rows, stats = build_rows(
+        mined_df, mined.known, canon, topic_of, rejected_docs(forbidden)
+    )
     table, batch_stats, fate = shard_table(
         rows_df, rows, cfg.batch, cfg.seed, read.doc_text, read.query_text, cfg.mine.num_negatives
     )
@@ -102,8 +108,9 @@ def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined) -> C
     return Curated(shard_dir, {k: manifest[k] for k in keys})
 
 
-def _manifest(cfg: Config, out: Path, counts: dict, funnel: dict, mined: Mined, dedup_info: dict,
-              files: list) -> dict:
+def _manifest(
+    cfg: Config, out: Path, counts: dict, funnel: dict, mined: Mined, dedup_info: dict, files: list
+) -> dict:
     manifest = {
         "format": FORMAT,
         "seed": cfg.seed,

@@ -28,5 +28,11 @@ def cluster(vecs: np.ndarray, k: int, seed: int) -> np.ndarray:
     km.train(x)
     _, labels = km.index.search(x, 1)
     sizes = np.bincount(labels[:, 0], minlength=k)
-    log.info("%d topics, sizes min %d / median %d / max %d", k, sizes.min(), np.median(sizes), sizes.max())
+    log.info(
+        "%d topics, sizes min %d / median %d / max %d",
+        k,
+        sizes.min(),
+        np.median(sizes),
+        sizes.max(),
+    )
     return labels[:, 0].astype(np.int32)

@@ -153,7 +153,8 @@ def resolve_dtype(pref: str, device: str) -> str:
     bf16 weights were the fastest at equal nDCG@10; bf16 autocast and int8 dynamic quantisation
     were slower, and int8 lost 0.02 nDCG@10."""
     if pref == "int8" and device != "cpu":
-        raise ConfigError("embed.dtype: 'int8' (dynamic quantisation) runs on CPU only; use auto on CUDA")
+        raise ConfigError("embed.dtype: 'int8' (dynamic quantisation) runs on CPU only; use auto "
+                          "on CUDA")
     if pref != "auto":
         return pref
     if device == "cuda":
@@ -242,7 +243,9 @@ class Encoder:
             [prefix + t for t in texts], truncation=True, max_length=self.cfg.max_length
         )
 
-    def encode(self, texts: list[str], prefix: str = "", sizes: list[int] | None = None) -> np.ndarray:
+    def encode(
+        self, texts: list[str], prefix: str = "", sizes: list[int] | None = None
+    ) -> np.ndarray:
         """[N, D] float32, L2-normalised, in the order of ``texts``. ``sizes``: run exactly these
         consecutive batches (the embedding plan's, curate/embed_plan.py), so a text's vector does
         not depend on how the texts were split into calls; else batches are cut here by budget."""
@@ -337,12 +340,15 @@ def write_embeddings(path: Path, ids: list[str], vectors: np.ndarray, dtype: str
 
 def read_embeddings(paths: list[Path]) -> tuple[list[str], np.ndarray]:
     """Concatenate embedding files in order -> (ids, [N, D] float32)."""
-    tables = [pq.ParquetFile(p).read() for p in paths]  # read_table would import pyarrow.dataset (0.3 s)
+    tables = [
+        pq.ParquetFile(p).read() for p in paths
+    ]  # read_table would import pyarrow.dataset (0.3 s)
     for p, t in zip(paths, tables):
         if t.schema != tables[0].schema:  # another model or store dtype wrote one of them
             raise StageMismatchError(
-                f"embedding files disagree: {paths[0]} holds {tables[0].schema.field('embedding').type} "
-                f"but {p} holds {t.schema.field('embedding').type}. Fix: delete the embeddings "
+                f"embedding files disagree: {paths[0]} holds "
+                f"{tables[0].schema.field('embedding').type} but {p} holds "
+                f"{t.schema.field('embedding').type}. Fix: delete the embeddings "
                 "cache folder (cache_dir, default <output_dir>/cache) and rerun"
             )
     table = pa.concat_tables(tables)
@@ -355,18 +361,27 @@ def read_embeddings(paths: list[Path]) -> tuple[list[str], np.ndarray]:
         )
     # Straight from the buffer: pyarrow's to_numpy imports pandas (0.2 s) for float16.
     np_dtype = {pa.float16(): np.float16, pa.float32(): np.float32}[values.type]
-    flat = np.frombuffer(values.buffers()[1], np_dtype, len(values), values.offset * np_dtype().itemsize)
+    flat = np.frombuffer(
+        values.buffers()[1], np_dtype, len(values), values.offset * np_dtype().itemsize
+    )
     return table.column("id").to_pylist(), flat.astype(np.float32).reshape(-1, dim)
 
 
 def token_lengths(
-    texts: list[str], model_path: str, cfg: EmbedConfig, prefix: str, torch_threads: int | None = None
+    texts: list[str],
+    model_path: str,
+    cfg: EmbedConfig,
+    prefix: str,
+    torch_threads: int | None = None,
 ) -> np.ndarray:
     """[N] int32 token count of each text as embedded (prefix included, truncated): what the
     embedding plan cuts batches by."""
     encoder = cached_encoder(cfg, Path(model_path), torch_threads)
-    return np.fromiter((len(ids) for ids in encoder.tokenize(texts, prefix)["input_ids"]),
-                       dtype=np.int32, count=len(texts))
+    return np.fromiter(
+        (len(ids) for ids in encoder.tokenize(texts, prefix)["input_ids"]),
+        dtype=np.int32,
+        count=len(texts),
+    )
 
 
 def embed_partition(

@@ -60,7 +60,9 @@ def batch_bounds(lengths: np.ndarray, hashes: np.ndarray, budget: int) -> list[t
     return bounds
 
 
-def plan(lengths: np.ndarray, hashes: np.ndarray, budget: int, partition_size: int) -> list[Partition]:
+def plan(
+    lengths: np.ndarray, hashes: np.ndarray, budget: int, partition_size: int
+) -> list[Partition]:
     """Partitions of whole batches over texts with token ``lengths`` and content ``hashes``."""
     lengths, hashes = np.asarray(lengths, dtype=np.int64), np.asarray(hashes, dtype=np.uint64)
     order = np.lexsort((np.arange(len(lengths)), hashes, -lengths))  # last key is primary

@@ -61,7 +61,11 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0) -> faiss.I
     index = trained_index(vectors, cfg, seed)
     add_in_chunks(index, vectors)
     set_search_params(index, cfg.nprobe)
-    log.info("built %s index over %d vectors of dim %d", choose_factory(*vectors.shape, cfg), *vectors.shape)
+    log.info(
+        "built %s index over %d vectors of dim %d",
+        choose_factory(*vectors.shape, cfg),
+        *vectors.shape,
+    )
     return index
 
 
@@ -180,7 +184,9 @@ def flat_vectors(index: faiss.Index) -> np.ndarray:
     """The [N, D] float32 vectors a flat index holds (a view of its storage, no copy)."""
     flat = faiss.downcast_index(index)
     if not isinstance(flat, faiss.IndexFlat):
-        raise ConfigError(f"index.factory={TORCH_EXACT} searches flat vectors, got {type(flat).__name__}")
+        raise ConfigError(
+            f"index.factory={TORCH_EXACT} searches flat vectors, got {type(flat).__name__}"
+        )
     return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
 
 
@@ -210,7 +216,9 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], offsets: list[int], k
     I = np.concatenate([np.where(i >= 0, i + off, -1) for (_, i), off in zip(parts, offsets)], 1)
     # lexsort: last key is primary -> by score descending, then id ascending; -1 hits last.
     missing = I < 0
-    order = np.lexsort((np.where(missing, np.iinfo(np.int64).max, I), -np.where(missing, -np.inf, D)))
+    order = np.lexsort(
+        (np.where(missing, np.iinfo(np.int64).max, I), -np.where(missing, -np.inf, D))
+    )
     order = order[:, :k]
     return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
 
@@ -252,8 +260,9 @@ def check_record(work: Path, model: str, model_fp: str, dim: int, docs: int) -> 
         theirs = ", ".join(f"{k} {rec.get(k)}" for k in diff)
         ours = ", ".join(f"{k} {got[k]}" for k in diff)
         raise StageMismatchError(
-            f"the index in {work} was built from embeddings of model {rec.get('model')!r} ({theirs}) "
-            f"but the queries are embedded with model {model!r} ({ours}). Fix: delete {work} and "
+            f"the index in {work} was built from embeddings of model {rec.get('model')!r} "
+            f"({theirs}) but the queries are embedded with model {model!r} ({ours}). Fix: delete "
+            f"{work} and "
             "rerun, so the index is rebuilt with embed.model"
         )
 

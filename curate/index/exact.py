@@ -29,7 +29,9 @@ def exact_device(pref: str) -> torch.device:
     if pref == "always" and not cuda:
         from curate.errors import ConfigError
 
-        raise ConfigError("index.use_gpu: 'always' but torch sees no CUDA device; set auto or never")
+        raise ConfigError(
+            "index.use_gpu: 'always' but torch sees no CUDA device; set auto or never"
+        )
     return torch.device("cuda" if cuda and pref != "never" else "cpu")
 
 

@@ -67,7 +67,8 @@ def confirm(entries: pl.DataFrame, pair_scores, margin: float) -> pl.DataFrame:
 
 
 def remove_negatives(mined: pl.DataFrame, pairs: set[tuple[str, str]]) -> tuple[pl.DataFrame, int]:
-    """Drop negative d from every row of query q for each (q, d) in ``pairs`` -> (table, removed)."""
+    """Drop negative d from every row of query q for each (q, d) in ``pairs``;
+    -> (table, removed)."""
     queries = {q for q, _ in pairs}
     keep, removed = [], 0
     for q, ids in mined.select("query_id", "neg_ids").iter_rows():

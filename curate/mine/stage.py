@@ -60,15 +60,27 @@ def calibrate_ceiling(cfg: Config, read: Read, emb: Embedded,
     d_row, q_row = emb.doc_row, emb.query_row
     queries = read.pairs["query_id"].unique(maintain_order=True).to_list()
     positives = [[d for d in read.known.get(q, []) if d in d_row] for q in queries]
-    key = content_hash([indexed.fingerprint, json.dumps(dataclasses.asdict(cfg.mine), sort_keys=True),
-                        str(cfg.seed), *(f"{q}\t{','.join(ds)}" for q, ds in zip(queries, positives))])
+    key = content_hash(
+        [
+            indexed.fingerprint,
+            json.dumps(dataclasses.asdict(cfg.mine), sort_keys=True),
+            str(cfg.seed),
+            *(f"{q}\t{','.join(ds)}" for q, ds in zip(queries, positives)),
+        ]
+    )
     path = indexed.work / f"ceiling-{key}.json"
     if path.is_file():
         cal = ceiling.Calibration(**json.loads(path.read_text()))
     else:
         rows = [np.array([d_row[d] for d in ds], dtype=np.int64) for ds in positives]
-        cal = ceiling.calibrate(emb.doc_vecs, emb.query_vecs[[q_row[q] for q in queries]], rows,
-                                cfg.mine, cfg.mine.calibrate_ceiling, cfg.seed)
+        cal = ceiling.calibrate(
+            emb.doc_vecs,
+            emb.query_vecs[[q_row[q] for q in queries]],
+            rows,
+            cfg.mine,
+            cfg.mine.calibrate_ceiling,
+            cfg.seed,
+        )
         write_json(path, dataclasses.asdict(cal))
     return dataclasses.replace(cfg.mine, max_relative=cal.max_relative), cal  # fmt: skip
 
@@ -77,7 +89,12 @@ def check(cfg: Config, read: Read, emb: Embedded, indexed: Indexed, mined: Mined
     """False-negative check, mining quality and teacher scores, then the manifest's sections
     on the index, the settings decided at run time and the embeddings."""
     pairs, forbidden, known, checks = fncheck.apply(
-        cfg, mined.pairs, mined.forbidden, mined.funnel, mined.known, read.query_text,
+        cfg,
+        mined.pairs,
+        mined.forbidden,
+        mined.funnel,
+        mined.known,
+        read.query_text,
         dict(zip(emb.doc_ids, read.texts)),
     )
     checks["index_recall"] = indexed.recall

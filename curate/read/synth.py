@@ -42,8 +42,9 @@ TOPICS: dict[str, str] = {
     "airfield takeoff navigation",
     "cooking": "recipe oven skillet garlic saucepan dough pastry broth spice butter flour marinade "
     "knife roast kitchen soup sauce onion pepper vinegar bread noodle stew yeast",
-    "finance": "bond equity dividend portfolio loan mortgage interest inflation budget ledger audit "
-    "asset liability investor stock currency bank credit pension revenue tax hedge broker deposit",
+    "finance": "bond equity dividend portfolio loan mortgage interest inflation budget ledger "
+    "audit asset liability investor stock currency bank credit pension revenue tax hedge broker "
+    "deposit",
     "medicine": "patient vaccine surgery diagnosis clinic nurse antibiotic fever tumor therapy "
     "symptom prescription hospital infection dose cardiology allergy virus wound physician "
     "insulin pharmacy scan fracture",
@@ -313,8 +314,9 @@ def write_demo_dataset(
     return out_dir
 
 
-def _write_demo(demo, tmp: Path, seed: int, n_topics: int, docs_per_topic: int,
-                test_fraction: float) -> dict:
+def _write_demo(
+    demo, tmp: Path, seed: int, n_topics: int, docs_per_topic: int, test_fraction: float
+) -> dict:
     (tmp / "qrels").mkdir(parents=True)
     _write_lines(tmp / "corpus.jsonl", [json.dumps(r, ensure_ascii=False) for r in demo.corpus])
     _write_lines(tmp / "queries.jsonl", [json.dumps(r, ensure_ascii=False) for r in demo.queries])

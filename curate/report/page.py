@@ -31,13 +31,19 @@ SECTIONS = {
     "training": "Training",
     "evaluation": "Evaluation",
 }
-CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-h1{margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
-.sub,.note{color:#666}.note{font-style:italic}nav a{margin-right:1em}img{max-width:100%}
-table{border-collapse:collapse;margin:.8em 0}td,th{padding:.25em .8em;border-bottom:1px solid #e5e5e5;text-align:right}
-td:first-child,th:first-child{text-align:left}th{background:#f5f5f5}.grid{display:flex;flex-wrap:wrap;gap:2em}
-.warn{border-left:6px solid #ff7f0e;background:#fff4e5;padding:.5em 1em;margin:.8em 0}.warn p{margin:.2em 0}
-.warn.failure{border-color:#d62728;background:#fdecea}.warn ul{margin:.3em 0}"""
+CSS = (
+    "body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+    "color:#222}\n"
+    "h1{margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}\n"
+    ".sub,.note{color:#666}.note{font-style:italic}nav a{margin-right:1em}img{max-width:100%}\n"
+    "table{border-collapse:collapse;margin:.8em 0}td,th{padding:.25em .8em;"
+    "border-bottom:1px solid #e5e5e5;text-align:right}\n"
+    "td:first-child,th:first-child{text-align:left}th{background:#f5f5f5}"
+    ".grid{display:flex;flex-wrap:wrap;gap:2em}\n"
+    ".warn{border-left:6px solid #ff7f0e;background:#fff4e5;padding:.5em 1em;margin:.8em 0}"
+    ".warn p{margin:.2em 0}\n"
+    ".warn.failure{border-color:#d62728;background:#fdecea}.warn ul{margin:.3em 0}"
+)
 
 
 def run_warnings(d: RunData) -> list[dict]:

@@ -11,12 +11,13 @@ def _recall(rec: dict) -> str:
         return mk.note("no recall record (run predates the recall guard)")
     if rec.get("exact"):
         return "<p>index: exact (flat) search, recall@k = 1 by construction</p>"
-    rows = [[a.get("nprobe"), mk.num(a.get("recall")), a.get("missing_hits"), a.get("short_queries")]
-            for a in rec.get("attempts", [])]  # fmt: skip
+    rows = [[a.get("nprobe"), mk.num(a.get("recall")), a.get("missing_hits"),
+             a.get("short_queries")] for a in rec.get("attempts", [])]  # fmt: skip
     return (
         f"<p>approximate index: recall@{rec.get('k')} against exact search on "
         f"{rec.get('sample')} sampled queries = <b>{mk.num(rec.get('recall'))}</b> "
-        f"(floor {rec.get('floor')}, action {mk.esc(rec.get('action'))}, nprobe used {rec.get('nprobe')})</p>"
+        f"(floor {rec.get('floor')}, action {mk.esc(rec.get('action'))}, nprobe used "
+        f"{rec.get('nprobe')})</p>"
         + (mk.table(["nprobe", "recall", "missing hits", "short queries"], rows) if rows else "")
     )
 
@@ -39,7 +40,9 @@ def _quality(q: dict) -> str:
     ]  # fmt: skip
     skip = q.get("skip_rates") or {}
     return mk.table(["", "value"], rows) + (
-        mk.table(["filter", "skip rate"], [[k, f"{v:.1%}"] for k, v in skip.items()]) if skip else ""
+        mk.table(["filter", "skip rate"], [[k, f"{v:.1%}"] for k, v in skip.items()])
+        if skip
+        else ""
     )
 
 
@@ -63,8 +66,8 @@ def _dedup(info: dict) -> str:
     if examples:
         out += mk.table(
             ["doc", "merged into", "cosine", "doc text", "canonical text"],
-            [[e["doc_id"], e["canonical_id"], e["cosine"], mk.esc(e["doc"][:120]), mk.esc(e["canonical"][:120])]
-             for e in examples],
+            [[e["doc_id"], e["canonical_id"], e["cosine"], mk.esc(e["doc"][:120]),
+              mk.esc(e["canonical"][:120])] for e in examples],
         )  # fmt: skip
     return out
 

@@ -103,7 +103,8 @@ def funnel_section(d: RunData) -> str:
     )
     if quality.get("est_false_negative_rate") is not None:
         extra.append(
-            f"estimated false-negative rate in the uncertain band: {quality['est_false_negative_rate']:.1%}"
+            "estimated false-negative rate in the uncertain band: "
+            f"{quality['est_false_negative_rate']:.1%}"
         )
     return (
         mk.img(fig, "filter funnel")
@@ -284,7 +285,9 @@ def batches_section(d: RunData) -> str:
     if len(masked):
         rows.append(["masked fraction (mean over steps)", float(masked.mean())])
     note = (
-        "" if len(masked) else mk.note("no training log: masked fraction is measured while training")
+        ""
+        if len(masked)
+        else mk.note("no training log: masked fraction is measured while training")
     )
     return mk.img(fig, "batch statistics") + mk.table(["", "value"], rows) + note
 
