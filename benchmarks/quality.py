@@ -124,9 +124,11 @@ def probe(bench: Bench, s: arms.Settings, vecs: np.ndarray, work: Path) -> dict 
     )
     run(cfg, quiet=True)
     out["D"] = shards_fn(bench, work / "probe" / "curate" / "shards", vecs, hidden)
-    for arm in arms.ST_MINING:
-        rows = arms.st_mine(bench, visible, arm, s, work / "st-cache")
-        out[arm] = st_fn(bench, rows, vecs, hidden)
+    for arm in arms.ST_MINING:  # sentence-transformers' side does not change with curate's code
+        st = cached(work / f"probe-st-{arm}.json",
+                    lambda arm=arm: st_fn(bench, arms.st_mine(bench, visible, arm, s, work / "st-cache"),
+                                          vecs, hidden))
+        out[arm] = st["value"]
     shutil.rmtree(work / "probe" / "curate", ignore_errors=True)
     return out
 
