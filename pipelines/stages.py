@@ -90,15 +90,8 @@ def embed_texts(
     return list(ids), out
 
 
-def _token_lengths(
-    workers: Workers,
-    texts: list[str],
-    prefix: str,
-    model_path: Path,
-    model_fp: str,
-    cfg: EmbedConfig,
-    cache_dir: Path,
-) -> np.ndarray:
+def _token_lengths(workers: Workers, texts: list[str], prefix: str, model_path: Path,
+                   model_fp: str, cfg: EmbedConfig, cache_dir: Path) -> np.ndarray:
     """[N] token lengths, tokenized on the cluster in contiguous chunks; kept in ``cache_dir``
     keyed by tokenizer, max_length and texts, so a rerun that finds every partition cached needs
     no model."""
