@@ -159,7 +159,8 @@ def embed_check(model: Path, texts: list[str], device: torch.device, max_length:
         "curate_texts_per_s": round(len(texts) / curate_s, 1), "curate_peak_gpu_gb": curate_mem,
         "st_texts_per_s": round(len(texts) / st_s, 1), "st_peak_gpu_gb": peak_gb(device),
         "st_batch_size": batch, "ratio": round(st_s / curate_s, 3),
-        "how": "curate.embed.Encoder in this process (the pipeline maps it over Dask workers)",
+        "how": "curate.embed.encoder.Encoder in this process "
+               "(the pipeline maps it over Dask workers)",
     }  # fmt: skip
     print("embed:", res, flush=True)
     return res
@@ -205,7 +206,7 @@ def mine_check(n_docs: int, n_large: int, n_queries: int, k: int, device: torch.
         "st_queries_per_s": round(n_queries / st_s, 1), "st_peak_gpu_gb": peak_gb(device),
         "st_query_chunk": chunk, "ratio": round(st_s / curate_s, 3),
         "top10_ids_equal_share": round(same, 4),
-        "how": "curate.exact.ExactSearch (bf16 on CUDA) vs ST's torch path (fp32)",
+        "how": "curate.index.exact.ExactSearch (bf16 on CUDA) vs ST's torch path (fp32)",
     }  # fmt: skip
     docs = qt = None
     reset_peak(device)

@@ -5,7 +5,7 @@ for runs from before the marker, a shard manifest or ``report.json`` of curate's
 loop's ``loop.json``, or the demo data curate generates there. Any other folder that is not empty
 is refused before a file is created, unless ``overwrite`` is set: curate would replace files of
 the names it writes (report.json, report.html, ...). Even then it deletes nothing it did not
-write (curate.shards removes only the shard files its own records list).
+write (curate.batch.shards removes only the shard files its own records list).
 """
 
 from __future__ import annotations

@@ -130,8 +130,8 @@ def export(
 ) -> dict:
     """``curate export``: the shards of ``run_dir`` in another trainer's format, each row with
     ``num_negatives`` negatives (default: the run's mine.num_negatives); rows short of them are
-    dropped or filled (``short``: drop | repeat, see curate.export) -> the counts, with ``path``
-    (the export) and ``counts`` (the file beside it that holds them)."""
+    dropped or filled (``short``: drop | repeat, see curate.batch.export) -> the counts, with
+    ``path`` (the export) and ``counts`` (the file beside it that holds them)."""
     from curate import outdir
     from curate.batch import export as exp
     from curate.batch.shards import read_manifest

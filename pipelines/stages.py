@@ -51,7 +51,7 @@ def embed_texts(
     cfg: EmbedConfig,
     cache_dir: Path,
 ) -> tuple[list[str], np.ndarray]:
-    """Embed on the cluster, one task per partition of the embedding plan (curate/embed_plan.py:
+    """Embed on the cluster, one task per partition of the embedding plan (curate/embed/plan.py:
     batches cut over all texts, so no vector depends on ``partition_size``);
     -> (ids, [N, D] float32) in input order."""
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -205,7 +205,7 @@ _INDEXES: dict[tuple, object] = {}
 
 def _loaded_index(path: str, nprobe: int, gpu: bool | str):
     """Index shards held by this worker process, keyed by file version so a rebuilt index is
-    reloaded; on the GPU when ``gpu``; a ``curate.exact`` search when ``gpu`` is the
+    reloaded; on the GPU when ``gpu``; a ``curate.index.exact`` search when ``gpu`` is the
     index.use_gpu setting of a torch-exact run."""
     key = (path, os.stat(path).st_mtime_ns, nprobe, gpu)
     if key not in _INDEXES:

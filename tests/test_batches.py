@@ -1,4 +1,5 @@
-"""Batch composition (curate.batches), exact dedup (curate.dedup) and topics (curate.topics)."""
+"""Batch composition (curate.batch.compose), exact dedup (curate.batch.dedup) and topics
+(curate.batch.topics)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Queries are searched in blocks so memory is bounded by block x k, never queries 
 Sharded search keeps each shard's top-k and merges them to the exact global top-k.
 
 ``factory: torch-exact`` builds the same flat files (so the record, the recall guard and the
-shards are unchanged) and searches their vectors with ``curate.exact`` in torch: on CUDA when
+shards are unchanged) and searches their vectors with ``curate.index.exact`` in torch: on CUDA when
 torch sees it, no k cap. A faiss GPU index asked for more than ``GPU_MAX_K`` neighbours searches
 on the CPU instead (``gpu_for_k``), and says so.
 """
@@ -27,7 +27,7 @@ from curate.files import atomic_path, atomic_write_bytes
 log = logging.getLogger(__name__)
 
 
-TORCH_EXACT = "torch-exact"  # index.factory: flat files, searched in torch (curate.exact)
+TORCH_EXACT = "torch-exact"  # index.factory: flat files, searched in torch (curate.index.exact)
 
 
 def choose_factory(n: int, dim: int, cfg: IndexConfig) -> str:

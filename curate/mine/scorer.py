@@ -8,8 +8,9 @@ Two kinds, both loaded from a local folder (curate never downloads):
   embedder       a bi-encoder through ``curate.embed.Encoder``; the score is the cosine of the
                  query and doc embeddings (the packaged all-MiniLM-L6-v2 may be named)
 
-Pairs are batched by a padded-token budget, longest first, as in ``curate.embed``. ``PairScores``
-scores each (query id, doc id) pair once and looks texts up only for the pairs it scores.
+Pairs are batched by a padded-token budget, longest first, as in ``curate.embed.encoder``.
+``PairScores`` scores each (query id, doc id) pair once and looks texts up only for the pairs
+it scores.
 """
 
 from __future__ import annotations
