@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import polars as pl
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    import polars as pl
 
 # Stage 1: validated inputs (polars frames with exactly these columns).
 CORPUS = pa.schema([("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())])
@@ -43,21 +47,23 @@ OTHER_REASONS = ("out_of_window", "not_selected", "spare")  # not forbidden: onl
 
 # The negatives of a row: entry j of each list is one negative (id, score, rank); a filter keeps
 # them aligned through ``keep_negatives``, never by hand.
-NEGATIVES = {"neg_ids": pl.List(pl.String), "neg_scores": pl.List(pl.Float32),
-             "neg_ranks": pl.List(pl.Int32)}  # fmt: skip
+NEGATIVES = ("neg_ids", "neg_scores", "neg_ranks")
 
 
 def keep_negatives(frame: pl.DataFrame, keep: list[list[int]],
                    ids: list[list[str]] | None = None) -> pl.DataFrame:
     """``frame`` with each row's negatives cut to the positions ``keep[row]`` (in that order),
     the three lists alike; ``ids``: the kept negatives' ids replaced (e.g. by canonical ids)."""
+    import polars as pl  # here: the schemas alone load without it (the GPU image has none)
+
+    types = (pl.List(pl.String), pl.List(pl.Float32), pl.List(pl.Int32))
     cut: dict[str, list] = {name: [] for name in NEGATIVES}
     for row, picks in zip(frame.select(*NEGATIVES).iter_rows(), keep, strict=True):
         for name, values in zip(NEGATIVES, row, strict=True):
             cut[name].append([values[j] for j in picks])
     if ids is not None:
         cut["neg_ids"] = ids
-    return frame.with_columns(pl.Series(n, cut[n], t) for n, t in NEGATIVES.items())
+    return frame.with_columns(pl.Series(n, cut[n], t) for n, t in zip(NEGATIVES, types))
 
 # Candidates rejected as likely false negatives; the trainer's mask obeys them.
 FORBIDDEN = pa.schema(
