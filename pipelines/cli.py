@@ -211,7 +211,7 @@ def cmd_validate(args) -> int:
     print(f"  output_dir: {cfg.output_dir}")
     print(f"  model: {cfg.embed.model} ({found['model']})")
     ceiling = (
-        f"max_relative {cfg.mine.max_relative}"
+        f"max_relative {cfg.mine.max_relative} x {cfg.mine.ceiling_from} known positive"
         if cfg.mine.calibrate_ceiling is None
         else f"max_relative calibrated on known positives (FN <= {cfg.mine.calibrate_ceiling:.1%})"
     )
@@ -219,7 +219,11 @@ def cmd_validate(args) -> int:
         f"  mine: top_k {cfg.mine.top_k}, num_negatives {cfg.mine.num_negatives}, "
         f"window [{cfg.mine.range_min}, {cfg.mine.range_max}), {ceiling}"
     )
-    print(f"  batch: batch_size {cfg.batch.batch_size}, same_topic {cfg.batch.same_topic}")
+    b = cfg.batch
+    topics = {"spread": f"spread (at most {b.topic_cap or 'ceil(batch_size / n_topics)'} rows "
+                        "of a topic per batch)",
+              "cluster": f"cluster (same_topic {b.same_topic})", "off": "off"}[b.topics]
+    print(f"  batch: batch_size {b.batch_size}, topics {topics}")
     print(f"  train: {'on' if cfg.train.enabled else 'off'}; eval split: {cfg.data.eval_split}")
     if found["effective"]:  # the manifest's "effective" will record the values used
         print("  decided at run time:")

@@ -46,7 +46,7 @@ def cfg(**kw) -> MineConfig:
     """Every rule off except the ones a test turns on (known positives always apply)."""
     base = dict(
         num_negatives=10, range_min=0, range_max=100, max_relative=None,
-        near_dup_threshold=0.98, strategy="top", spare_negatives=0,
+        near_dup_threshold=0.98, strategy="top", spare_negatives=0, ceiling_from="best",
     )  # fmt: skip
     return MineConfig(**{**base, **kw})
 
