@@ -169,13 +169,18 @@ def _spread(rows: list[Row], cfg: BatchConfig, rng, want):
             stats["rows_over_topic_cap"] += _take(
                 pool, rows, placed, batch, short, cfg, stats, want, relaxed
             )
-        if not batch.rows:  # nothing fit within the scan limit: start a batch with any row
-            i = int(np.flatnonzero(~placed)[0])
-            _add(batch, i, rows[i], stats, want)
-            placed[i] = True
-        out.append(batch.rows)
-        negs.update(batch.negs)
+        _close(batch, rows, placed, stats, want, out, negs)
     return out, negs, stats
+
+
+def _close(batch: _Batch, rows, placed, stats, want, out: list, negs: dict) -> None:
+    """Append ``batch``; one that nothing fit (within the scan limit) takes any row."""
+    if not batch.rows:
+        i = int(np.flatnonzero(~placed)[0])
+        _add(batch, i, rows[i], stats, want)
+        placed[i] = True
+    out.append(batch.rows)
+    negs.update(batch.negs)
 
 
 def _clustered(rows: list[Row], cfg: BatchConfig, rng, want):
@@ -196,12 +201,7 @@ def _clustered(rows: list[Row], cfg: BatchConfig, rng, want):
         batch = _Batch()
         _take(queues[t], rows, placed, batch, n_same, cfg, stats, want, caps)
         _take(pool, rows, placed, batch, cfg.batch_size - len(batch.rows), cfg, stats, want, caps)
-        if not batch.rows:  # nothing fit within the scan limit: start a batch with any row
-            i = int(np.flatnonzero(~placed)[0])
-            _add(batch, i, rows[i], stats, want)
-            placed[i] = True
-        out.append(batch.rows)
-        negs.update(batch.negs)
+        _close(batch, rows, placed, stats, want, out, negs)
         for i in batch.rows:
             left[slot[rows[i].topic]] -= 1
     return out, negs, stats
