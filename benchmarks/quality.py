@@ -9,14 +9,14 @@ seeds; every arm is scored by the same evaluator (curate's Encoder, exact search
     B-curate   the same data through curate's trainer (random batches, no negatives, no masks)
     C-default  sentence-transformers mine_hard_negatives with its defaults + MNRL
     C-nv       mine_hard_negatives with the NV-Retriever settings its docs recommend + MNRL
-    D          curate in full: mined + filtered negatives, topic-spread batches, known-positive masks
+    D          curate in full: mined + filtered negatives, topic-spread batches, masks
     E-nomask   D without the mask (train.mask: false)
     E-notopic  D without topic handling (batch.topics: off)
     D-*        ablations of D (quality_arms.VARIANTS), e.g. D-cluster: the TAS-style topic batches
 
     .venv/bin/python benchmarks/quality.py ../shared/data/cranfield
     .venv/bin/python benchmarks/quality.py ../shared/data/squad-v1.1-dev
-    .venv/bin/python benchmarks/quality.py ../shared/data/cranfield --seeds 0 --steps 3 --no-docs  # smoke
+    .venv/bin/python benchmarks/quality.py ../shared/data/cranfield --seeds 0 --steps 3 --no-docs
 
 Finished runs are kept under --work (keyed by the settings), so an interrupted benchmark resumes.
 Writes docs/quality-<dataset>.json, the dataset's block of docs/quality.md and docs/quality.png.
@@ -125,9 +125,11 @@ def probe(bench: Bench, s: arms.Settings, vecs: np.ndarray, work: Path) -> dict 
     run(cfg, quiet=True)
     out["D"] = shards_fn(bench, work / "probe" / "curate" / "shards", vecs, hidden)
     for arm in arms.ST_MINING:  # sentence-transformers' side does not change with curate's code
-        st = cached(work / f"probe-st-{arm}.json",
-                    lambda arm=arm: st_fn(bench, arms.st_mine(bench, visible, arm, s, work / "st-cache"),
-                                          vecs, hidden))
+        def mine_st(arm=arm):
+            rows = arms.st_mine(bench, visible, arm, s, work / "st-cache")
+            return st_fn(bench, rows, vecs, hidden)
+
+        st = cached(work / f"probe-st-{arm}.json", mine_st)
         out[arm] = st["value"]
     shutil.rmtree(work / "probe" / "curate", ignore_errors=True)
     return out
@@ -308,7 +310,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("data", help="a BEIR folder with qrels/train.tsv and qrels/test.tsv")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS + tuple(arms.VARIANTS),
-                   help="the arms (default: the main ones); ablations of D: " + ", ".join(arms.VARIANTS))
+                   help="the arms (default: the main ones); ablations of D: "
+                   + ", ".join(arms.VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     d = arms.Settings()
     for name in (
@@ -354,10 +357,12 @@ def main(argv=None) -> None:
     res.update({
         "dataset": bench.name, "path": a.data, "settings": s.__dict__, "seeds": a.seeds,
         "arms": a.arms, "command": " ".join(
-            [".venv/bin/python", "benchmarks/quality.py", *(x for x in argv or sys.argv[1:] if x != "--report-only")]
+            [".venv/bin/python", "benchmarks/quality.py",
+             *(x for x in argv or sys.argv[1:] if x != "--report-only")]
         ),
-        "wall_s": round(time.time() - t0, 1), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
-        "cpus": os.cpu_count(), "train_pairs": len(bench.pairs), "test_queries": len(bench.test_qids),
+        "wall_s": round(time.time() - t0, 1), "loadavg_start": load0,
+        "loadavg_end": os.getloadavg(), "cpus": os.cpu_count(), "train_pairs": len(bench.pairs),
+        "test_queries": len(bench.test_qids),
         "docs": len(bench.doc_ids), "library": library_fingerprint(),
     })  # fmt: skip
     print(report.table(res))

@@ -70,7 +70,8 @@ class Settings:
     def key(self) -> str:
         import hashlib
 
-        fields = {k: v for k, v in asdict(self).items() if k not in ("d_max_relative", "chunk_size")}
+        unkeyed = ("d_max_relative", "chunk_size")
+        fields = {k: v for k, v in asdict(self).items() if k not in unkeyed}
         text = json.dumps([fields, ST_MINING], sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
 
@@ -225,7 +226,8 @@ def curate_config(
 
     tree = {
         "output_dir": str(out), "cache_dir": str(cache), "seed": seed,
-        "data": {"path": bench.path, "empty_text": "skip", "eval_split": None, "qrels_dir": qrels_dir},
+        "data": {"path": bench.path, "empty_text": "skip", "eval_split": None,
+                 "qrels_dir": qrels_dir},
         "embed": {"max_length": s.max_length, "device": "cpu", "dtype": "float32"},
         "index": {"use_gpu": "never"},
         "mine": {"num_negatives": s.num_negatives, **(
@@ -280,7 +282,8 @@ def random_shards(bench: Bench, shard_dir: Path, batch_size: int, seed: int) -> 
     table = pa.table({
         "batch_id": pa.array([i // batch_size for i in range(n)], pa.int64()),
         "query_id": [q for q, _ in pairs], "query": [bench.qtext[q] for q, _ in pairs],
-        "pos_id": [d for _, d in pairs], "pos": [bench.doc_text[bench.doc_row[d]] for _, d in pairs],
+        "pos_id": [d for _, d in pairs],
+        "pos": [bench.doc_text[bench.doc_row[d]] for _, d in pairs],
         "pos_score": pa.array([0.0] * n, pa.float32()),
         "neg_ids": pa.array([[]] * n, pa.list_(pa.string())),
         "negs": pa.array([[]] * n, pa.list_(pa.string())),

@@ -39,7 +39,8 @@ def load_note(res: dict) -> str:
     if not loads:
         return "load average not recorded"
     top = max(loads)
-    shared = "other jobs shared the cores" if top > res["cpus"] + 0.5 else "the benchmark alone on the cores"
+    alone = top <= res["cpus"] + 0.5
+    shared = "the benchmark alone on the cores" if alone else "other jobs shared the cores"
     return f"load average {min(loads):.1f}-{top:.1f} per run, {shared}"
 
 
@@ -94,7 +95,8 @@ def table(res: dict) -> str:
             ms = " | ".join(f"{r[m][0]:.4f} (1 seed)" for m in METRICS)
         npr = "—" if r["negs_per_row"] is None else f"{r['negs_per_row']:.2f}"
         lines.append(
-            f"| {arm} | {WHAT[arm]} | {r['seeds']} | {ms} | {_pct(r['probe_fn'])} | {_pct(r['mined_fn'])} "
+            f"| {arm} | {WHAT[arm]} | {r['seeds']} | {ms} | {_pct(r['probe_fn'])} "
+            f"| {_pct(r['mined_fn'])} "
             f"| {_pct(r['in_batch_fn'])} | {npr} | {r['train_s']:.0f} |"
         )
     return "\n".join(lines)
@@ -134,7 +136,8 @@ def block(res: dict) -> str:
     lines = [
         f"### {res['dataset']} (`{res['path']}`)",
         "",
-        f"{res['docs']} docs, {res['train_pairs']} train pairs, {res['test_queries']} test queries. "
+        f"{res['docs']} docs, {res['train_pairs']} train pairs, "
+        f"{res['test_queries']} test queries. "
         f"Seeds {res['seeds']}; {s['steps']} steps, batch {s['batch_size']}, {s['num_negatives']} "
         f"negatives per query, lr {s['lr']}, warmup {s['warmup_steps']}, weight decay "
         f"{s['weight_decay']}, temperature {s['temperature']}, train max length "

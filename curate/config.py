@@ -43,7 +43,8 @@ class DataConfig:
     """Where the corpus, queries and known positives are.
 
     ``path`` is a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) or ``demo`` for the
-    generated demo set. ``corpus``/``queries``/``qrels_dir`` override single files (Parquet or JSONL).
+    generated demo set. ``corpus``/``queries``/``qrels_dir`` override single files (Parquet or
+    JSONL).
     """
 
     path: str = "demo"
@@ -67,7 +68,8 @@ class EmbedConfig:
     # Batches are cut by padded tokens (rows x longest row), not by a row count.
     token_budget: int = field(default=8192, metadata=_range(64))
     # auto: bf16 autocast on CUDA; on CPU bf16 weights where the CPU has native bf16 (AVX512-BF16
-    # or AMX), else fp32 (docs/benchmarks.md). int8: dynamic quantisation of the linear layers (CPU only).
+    # or AMX), else fp32 (docs/benchmarks.md). int8: dynamic quantisation of the linear layers
+    # (CPU only).
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
     store_dtype: Literal["float32", "float16"] = "float32"
     # Texts per Dask task, in whole batches: batches are cut over all texts (curate/embed_plan.py),
@@ -204,7 +206,8 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    scheduler: str | None = None  # address of an existing Dask scheduler; None starts a LocalCluster
+    # Address of an existing Dask scheduler; None starts a LocalCluster.
+    scheduler: str | None = None
     n_workers: int | None = field(default=None, metadata=_range(1))
     threads_per_worker: int | None = field(default=None, metadata=_range(1))
     # A LocalCluster of worker processes, or one worker in this process. auto: in-process when
@@ -216,8 +219,9 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class FnCheckConfig:
-    """Targeted false-negative check: a stronger scorer judges the kept negatives whose miner score
-    is within ``band`` x the positive's; confirmed when teacher(q, neg) >= teacher(q, pos) - margin."""
+    """Targeted false-negative check: a stronger scorer judges the kept negatives whose miner
+    score is within ``band`` x the positive's; confirmed when teacher(q, neg) >= teacher(q, pos)
+    - margin."""
 
     scorer: str | None = None  # local model folder (embedder: also the packaged name); None: off
     kind: Literal["cross_encoder", "embedder"] = "cross_encoder"
@@ -352,7 +356,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _safe_yaml(text: str, where: str) -> Any:
-    """Plain YAML only (the safe loader: no Python tags); a syntax error or a tag names ``where``."""
+    """Plain YAML only (the safe loader: no Python tags); a syntax error or a tag names
+    ``where``."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
