@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,23 @@ def tiny_cross_encoder(tmp_path_factory, tiny_model) -> Path:
     BertForSequenceClassification(cfg).save_pretrained(path)
     AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def remote_code_model(tmp_path, tiny_model) -> tuple[Path, Path]:
+    """A model folder whose config needs its own Python code; importing that code would leave a
+    marker file. -> (folder, marker)."""
+    folder, marker = tmp_path / "remote-model", tmp_path / "code-ran"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(
+        model_type="curate_remote",
+        auto_map={
+            "AutoConfig": "configuration_remote.RemoteConfig",
+            "AutoModel": "modeling_remote.RemoteModel",
+        },
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in ("configuration_remote.py", "modeling_remote.py"):
+        (folder / name).write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    return folder, marker

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,22 +130,12 @@ def test_impossible_settings_exit_2_naming_both_keys(capsys, tmp_path):
 
 
 @pytest.fixture
-def remote_code_folder(tmp_path, tiny_model) -> Path:
-    """The tiny random BERT as a model transformers does not know, its config.json mapping the
-    Auto classes to the folder's own code (auto_map)."""
-    folder = tmp_path / "remote-model"
-    shutil.copytree(tiny_model, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(
-        model_type="custom_bert",
-        auto_map={
-            "AutoConfig": "modeling_custom.CustomConfig",
-            "AutoModel": "modeling_custom.CustomModel",
-        },
-    )
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "modeling_custom.py").write_text("raise SystemExit('this code must never run')\n")
-    return folder
+def remote_code_folder(remote_code_model) -> Path:
+    """A model folder whose config maps the Auto classes to its own code (conftest); that code
+    must never run."""
+    folder, marker = remote_code_model
+    yield folder
+    assert not marker.exists()
 
 
 def test_validate_catches_a_model_that_needs_remote_code(remote_code_folder, cranfield, capsys):

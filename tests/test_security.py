@@ -4,10 +4,8 @@ inside output_dir and path-like ids never naming files: tests/test_crash.py, on 
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -43,26 +41,6 @@ def test_yaml_syntax_error_names_the_file(tmp_path):
 
 
 # --- remote code -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def remote_code_model(tmp_path, tiny_model) -> tuple[Path, Path]:
-    """A model folder whose config needs its own Python code; importing that code would leave a
-    marker file. -> (folder, marker)."""
-    folder, marker = tmp_path / "remote-model", tmp_path / "code-ran"
-    shutil.copytree(tiny_model, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(
-        model_type="curate_remote",
-        auto_map={
-            "AutoConfig": "configuration_remote.RemoteConfig",
-            "AutoModel": "modeling_remote.RemoteModel",
-        },
-    )
-    (folder / "config.json").write_text(json.dumps(config))
-    for name in ("configuration_remote.py", "modeling_remote.py"):
-        (folder / name).write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
-    return folder, marker
 
 
 def test_encoder_refuses_remote_code_by_default(remote_code_model):
