@@ -141,14 +141,21 @@ def topic_cap(cfg: BatchConfig, n_topics: int) -> int:
     return cfg.topic_cap or -(-cfg.batch_size // max(n_topics, 1))
 
 
+def _members(rows: list[Row]) -> dict[int, list[int]]:
+    """Topic -> its row numbers in row order, topics in sorted order (one pass over the rows)."""
+    out: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        out.setdefault(r.topic, []).append(i)
+    return dict(sorted(out.items()))
+
+
 def _stratified(rows: list[Row], rng: np.random.Generator) -> list[int]:
     """Every topic's rows (shuffled) spaced evenly through one order: row k of a topic of n
     rows sits at (k + offset) / n, the offset drawn per topic, so topics interleave at the pace
     of their sizes."""
-    topics = sorted({r.topic for r in rows})
     keys = np.empty(len(rows))
-    for t in topics:
-        members = rng.permutation([i for i, r in enumerate(rows) if r.topic == t])
+    for members in _members(rows).values():
+        members = rng.permutation(members)
         keys[members] = (np.arange(len(members)) + rng.random()) / len(members)
     return np.lexsort((np.arange(len(rows)), keys)).tolist()
 
@@ -187,8 +194,8 @@ def _clustered(rows: list[Row], cfg: BatchConfig, rng, want):
     """``cluster``: same_topic x B rows of one topic, the rest from a global order; ``off`` is
     the same with no rows drawn by topic. The per-query cap applies to both."""
     caps = Caps(query=cfg.max_rows_per_query or None)
-    topics = sorted({r.topic for r in rows})
-    members = {t: [i for i, r in enumerate(rows) if r.topic == t] for t in topics}
+    members = _members(rows)
+    topics = list(members)
     queues = {t: deque(int(i) for i in rng.permutation(members[t])) for t in topics}
     left = np.array([len(members[t]) for t in topics], dtype=np.float64)
     slot = {t: k for k, t in enumerate(topics)}
