@@ -33,18 +33,19 @@ ST_MINING = {
 
 # Ablations of D (issue #12): each is D with these settings changed (dotted config keys).
 VARIANTS = {
-    "D-cluster": {"batch.topics": "cluster", "batch.same_topic": 0.75},  # D before issue #12
+    # D before issue #12: one-topic batches and the ceiling from the best known positive
+    "D-cluster": {"batch.topics": "cluster", "batch.same_topic": 0.75, "mine.ceiling_from": "best"},
     "D-q1": {"batch.max_rows_per_query": 1},
     "D-best": {"mine.ceiling_from": "best"},
     "D-far": {"mine.range_min": 30},
-    "D-cal": {"mine.calibrate_ceiling": 0.01},
-    "D-weakest": {"mine.ceiling_from": "weakest"},
+    # measured with the best positive's ceiling (the default then), which calibration scales
+    "D-cal": {"mine.calibrate_ceiling": 0.01, "mine.ceiling_from": "best"},
+    "D-weakest": {"mine.ceiling_from": "weakest"},  # the default since issue #12: D itself
     "D-median": {"mine.ceiling_from": "median"},
     "D-nospare": {"mine.spare_negatives": 0},
-    "D-inbatch": {"mine.num_negatives": 0, "mine.spare_negatives": 0},
-    "D-cal-q1": {"mine.calibrate_ceiling": 0.01, "batch.max_rows_per_query": 1},
+    "D-cal-q1": {"mine.calibrate_ceiling": 0.01, "mine.ceiling_from": "best",
+                 "batch.max_rows_per_query": 1},
     "D-median-q1": {"mine.ceiling_from": "median", "batch.max_rows_per_query": 1},
-    "D-weakest-q1": {"mine.ceiling_from": "weakest", "batch.max_rows_per_query": 1},
 }
 
 
