@@ -36,6 +36,9 @@ class ColumnsConfig:
     qrels_query_id: str = "query-id"
     qrels_doc_id: str = "corpus-id"
     qrels_score: str = "score"
+    # A column of precomputed embeddings (list of floats) in the corpus and queries Parquet
+    # files: set, curate indexes and mines with these vectors and skips the embed stage.
+    vector: str | None = None
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class DataConfig:
 
     ``path`` is a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) or ``demo`` for the
     generated demo set. ``corpus``/``queries``/``qrels_dir`` override single files (Parquet or
-    JSONL).
+    JSONL). Each may be a URL (s3://, gs://, ...: read through fsspec, see ``storage``).
     """
 
     path: str = "demo"
@@ -245,13 +248,48 @@ class TeacherConfig:
     max_length: int = field(default=256, metadata=_range(8, 8192))
 
 
+# fsspec option names that hold secrets: the config is copied into the manifest, which travels.
+_SECRET_OPTIONS = {"key", "secret", "password", "aws_access_key_id", "aws_secret_access_key",
+                   "aws_session_token", "account_key", "sas_token", "client_secret",
+                   "connection_string"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How URLs in data.*, output_dir and cache_dir are reached (curate/storage.py)."""
+
+    # Per protocol, keyword arguments of its fsspec filesystem, e.g. {s3: {endpoint_url: ...}};
+    # credentials come from the environment (AWS_ACCESS_KEY_ID, ...), never from here.
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Where a URL output_dir or cache_dir is written before upload, one folder per URL;
+    # None: ~/.cache/curate/staging ($XDG_CACHE_HOME/curate/staging).
+    staging_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for protocol, kwargs in self.options.items():
+            if bad := sorted(_secrets(kwargs)):
+                where = f"storage.options.{protocol}"
+                detail = (f"{bad} hold credentials, which the manifest would copy; set them in "
+                          "the environment instead (for s3: AWS_ACCESS_KEY_ID, "
+                          "AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")  # fmt: skip
+                raise ConfigError(f"{where}: {detail}", (where,), where, detail)
+
+
+def _secrets(tree: Any) -> set[str]:
+    if not isinstance(tree, dict):
+        return set()
+    found = {str(k) for k in tree if str(k).lower() in _SECRET_OPTIONS}
+    return found.union(*(_secrets(v) for v in tree.values()))
+
+
 @dataclass(frozen=True)
 class Config:
+    # A folder, or a URL (s3://bucket/run, ...: written in a staging folder, then uploaded).
     output_dir: str = "runs/demo"
     # Write into an output_dir that is neither empty nor a curate run (curate.outdir): files of
     # the names curate writes are replaced; off, such a folder is refused before any work.
     overwrite: bool = False
-    cache_dir: str | None = None  # embeddings cache; None: <output_dir>/cache
+    cache_dir: str | None = None  # embeddings cache (a folder or a URL); None: <output_dir>/cache
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -264,6 +302,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     fncheck: FnCheckConfig = field(default_factory=FnCheckConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -295,6 +334,14 @@ def _check_value(where: str, value: Any, hint: Any, meta: typing.Mapping) -> Any
         allowed = typing.get_args(hint)
         if value not in allowed:
             raise _bad(where, f"{value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _bad(where, f"expected a mapping, got {value!r}")
+        keys, values = typing.get_args(hint)
+        return {_check_value(where, k, keys, {}): _check_value(f"{where}.{k}", v, values, {})
+                for k, v in value.items()}  # fmt: skip
+    if hint is Any:
         return value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):

@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from curate import health, outdir
+from curate import health, outdir, storage
 from curate.batch import stage as batch
 from curate.config import Config
 from curate.embed import encoder
@@ -51,7 +51,7 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
     A run that stops early returns what it has (``stopped_after`` set) and writes no report.json."""
     if stop_after not in STAGES:
         raise ValueError(f"stop_after={stop_after!r}; choose one of {STAGES}")
-    out, clock = Path(cfg.output_dir), _Clock()
+    out, clock = storage.output_folder(cfg), _Clock()  # a URL's: a local staging folder
     check_before_writing(cfg, out)
     with clock("read"):
         read = read_stage.read(cfg)  # validation happens before anything is written
@@ -59,12 +59,14 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
     model, work, cache = claim(cfg, out)
 
     def stop(stage: str, **got) -> dict:
-        return {"output_dir": str(out), "stopped_after": stage, "timings": clock.timings, **got}
+        got = {"output_dir": str(out), "stopped_after": stage, "timings": clock.timings, **got}
+        return storage.publish(cfg, out, got)  # a URL output_dir: uploaded, manifest last
 
     texts = read.corpus.height + read.dataset.queries.height
     with connect(cfg.cluster, quiet, texts=texts) as workers:
-        with clock("embed"):
-            emb = stages.embed_stage(workers, read, model, cfg.embed, cache)
+        with clock("embed"):  # or read from the inputs (data.columns.vector)
+            emb = (stages.vectors_stage(workers, read, cfg, cache) if cfg.data.columns.vector
+                   else stages.embed_stage(workers, read, model, cfg.embed, cache))
         if stop_after == "embed":
             return stop("embed")
         with clock("index"):
@@ -99,7 +101,7 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
 
 def check_before_writing(cfg: Config, out: Path) -> None:
     """What can fail without reading the data, before anything is created."""
-    outdir.check(out, cfg.overwrite)  # never another program's folder
+    storage.check_output(cfg, out)  # never another program's folder (or prefix)
     encoder.check_model(cfg.embed)  # a model that needs remote code fails here, not in a worker
     arrow_system_allocator()  # before the first Arrow buffer
 
@@ -111,8 +113,9 @@ def claim(cfg: Config, out: Path) -> tuple[Model, Path, Path]:
     model = Model(path, encoder.model_fingerprint(path))
     work = out / "work"
     outdir.claim(out)
+    storage.claim(cfg, out)
     work.mkdir(parents=True, exist_ok=True)
-    return model, work, Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    return model, work, storage.cache_folder(cfg, out)
 
 
 def finish(cfg: Config, out: Path, result: dict, timings: dict, emb: Embedded) -> dict:
@@ -122,5 +125,6 @@ def finish(cfg: Config, out: Path, result: dict, timings: dict, emb: Embedded) -
     texts = len(emb.doc_ids) + len(emb.query_ids)
     result["texts_per_s"] = round(texts / max(timings["embed"], 1e-9), 1)
     result.update(health.assess(result, cfg.to_dict(), out))  # warnings, "worse_than_base"
+    result = storage.named(cfg, out, result)
     write_json(out / "report.json", result)
-    return result
+    return storage.publish(cfg, out, result)

@@ -20,6 +20,7 @@ from curate import faults, schema
 from curate.config import Config, EmbedConfig, IndexConfig, MineConfig
 from curate.embed import encoder as embed
 from curate.embed import plan as embed_plan
+from curate.errors import DataError
 from curate.files import atomic_path, write_table
 from curate.index import build as index
 from curate.index import stage as index_files
@@ -437,6 +438,60 @@ def mine_pairs(
         forbidden.append(pq.ParquetFile(_forbidden_path(path)).read())
         tables.append(t.replace_schema_metadata(None))
     return pa.concat_tables(tables), pa.concat_tables(forbidden), funnel
+
+
+# --- given vectors (data.columns.vector): read from the inputs by the workers -------------
+
+
+def given_vectors(workers: Workers, path: Path, id_column: str, column: str, ids: list[str],
+                  cache_dir: Path, rows_per_task: int) -> np.ndarray:
+    """The vectors of ``path``'s ``column`` for ``ids`` (in that order), read by one task per
+    group of row groups and joined into one ``.npy`` by another; -> that file memory-mapped, so
+    the driver holds no vector. Keyed by the file's name, size and change time."""
+    from curate.read import vectors
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    stat = path.stat()
+    key = content_hash([str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), column])
+    order_key = content_hash([key, *ids])
+    out = cache_dir / f"given-{order_key}.npy"
+    if not out.exists():
+        blocks = vectors.row_group_blocks(path, rows_per_task)
+        parts = [str(cache_dir / f"given-{key}-{a:06d}.npy") for a, _, _ in blocks]
+        futures = [
+            workers.client.submit(vectors.read_block, str(path), id_column, column, (a, b),
+                                  first, None, part, key=f"vectors-{key}-{a}", pure=False)
+            for (a, b, first), part in zip(blocks, parts)
+            if not Path(part).exists()
+        ]  # fmt: skip
+        _gather(workers, futures, f"vectors ({path.name})")
+        order = cache_dir / f"given-{order_key}.ids.parquet"
+        write_table(order, pa.table({"id": ids}))
+        dims = {np.load(p, mmap_mode="r").shape[1] for p in parts}
+        if len(dims) > 1:
+            raise DataError(str(path), f"vectors of dimensions {sorted(dims)} in "
+                                    f"{column!r}", "give every row one dimension")
+        workers.client.submit(vectors.assemble, parts, str(order), str(out),
+                              key=f"vectors-{order_key}", pure=False).result()
+    return np.load(out, mmap_mode="r")
+
+
+def vectors_stage(workers: Workers, read: Read, cfg: Config, cache: Path) -> Embedded:
+    """The embed stage when the inputs carry their vectors: docs then queries, checked to share
+    a dimension."""
+    from curate.read.vectors import parquet_inputs
+
+    cols, data = cfg.data.columns, parquet_inputs(cfg.data)
+    doc_ids, q_ids = read.corpus["doc_id"].to_list(), read.dataset.queries["query_id"].to_list()
+    rows = max(cfg.embed.partition_size, 100_000)  # reading is cheap: fewer, larger tasks
+    docs = given_vectors(workers, Path(data.corpus), cols.doc_id, cols.vector, doc_ids,
+                         cache / "given", rows)  # fmt: skip
+    queries = given_vectors(workers, Path(data.queries), cols.query_id, cols.vector, q_ids,
+                            cache / "given", rows)  # fmt: skip
+    if docs.shape[1] != queries.shape[1]:
+        raise DataError(data.queries, f"query vectors have {queries.shape[1]} dimensions, the "
+                        f"corpus's {docs.shape[1]}", "embed both with the same model")
+    return Embedded(doc_ids, docs, q_ids, queries)
 
 
 # --- the stages on the cluster: records in, a record out (pipelines.run wires them) --------

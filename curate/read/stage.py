@@ -4,24 +4,25 @@ doc texts), everything checked before the output folder is touched."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import polars as pl
 
-from curate import config_rules
+from curate import config_rules, storage
 from curate.batch import dedup
 from curate.config import Config, DataConfig
+from curate.read import vectors
 from curate.read.dataset import Dataset, read_dataset
 from curate.records import Read
 
 
 def resolve_data(cfg: Config) -> DataConfig:
-    """``data.path: demo`` -> the generated demo set (written once under the output folder)."""
+    """``data.path: demo`` -> the generated demo set (written once under the output folder);
+    with given vectors (``data.columns.vector``) a BEIR folder's corpus and queries are Parquet."""
     if cfg.data.path != "demo":
-        return cfg.data
+        return vectors.parquet_inputs(cfg.data)
     from curate.read.synth import write_demo_dataset
 
-    folder = Path(cfg.output_dir) / "demo-data"
+    folder = storage.output_folder(cfg) / "demo-data"
     if not (folder / "corpus.jsonl").is_file():
         write_demo_dataset(folder, seed=cfg.seed)
     return dataclasses.replace(cfg.data, path=str(folder))
@@ -53,7 +54,11 @@ def known_positives(ds: Dataset, split: str) -> dict[str, list[str]]:
 
 def read(cfg: Config) -> Read:
     """The dataset read and validated, then what the data makes impossible checked."""
-    ds = read_dataset(resolve_data(cfg))
+    data = resolve_data(cfg)
+    if data.columns.vector:  # the schema only: worker tasks read the vectors (embed stage)
+        for path in (data.corpus, data.queries):
+            vectors.check_schema(path, data.columns.vector)
+    ds = read_dataset(data, options=cfg.storage.options)
     pairs = train_pairs(ds, cfg)
     config_rules.check_data(cfg, pairs.height)
     known = known_positives(ds, cfg.data.train_split)

@@ -1,0 +1,138 @@
+"""Bring your own embeddings: a vector column in the corpus and queries Parquet files
+(``data.columns.vector``) stands in for the embed stage.
+
+The read stage checks only the schema (the column is there, a list of floats, the same kind in
+both files); the vectors themselves are read by worker tasks, one group of Parquet row groups
+each, checked (dimension, finite, not zero) and written as unit vectors in ``.npy`` partition
+files, so the driver never holds them. Rows are 0-based Parquet row indices, as everywhere in
+curate's errors about Parquet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.config import DataConfig
+from curate.errors import DataError
+from curate.files import atomic_path
+
+def parquet_inputs(data: DataConfig) -> DataConfig:
+    """With given vectors, a BEIR folder's corpus and queries default to ``corpus.parquet`` and
+    ``queries.parquet`` (JSON lines hold no vector column)."""
+    if not data.columns.vector:
+        return data
+    root = Path(data.path)
+    return dataclasses.replace(data, corpus=data.corpus or str(root / "corpus.parquet"),
+                               queries=data.queries or str(root / "queries.parquet"))
+
+
+_FLOATS = (pa.float16(), pa.float32(), pa.float64())
+_FIX_TYPE = "store each row's embedding as a list of floats (list<float32> or fixed_size_list)"
+
+
+def check_schema(path: Path, column: str) -> None:
+    """Fail before any work when ``path`` cannot hold vectors in ``column``."""
+    path = Path(path)
+    if path.suffix != ".parquet":
+        problem = f"data.columns.vector is set ({column!r}) but {path.name} is not Parquet"
+        raise DataError(str(path), problem, "write the file as Parquet with a vector column")
+    if not path.is_file():
+        raise DataError(str(path), "file not found", "check data.path, data.corpus and data.queries")
+    schema = pq.read_schema(path)
+    if column not in schema.names:
+        problem = f"no vector column {column!r} (found {schema.names})"
+        raise DataError(str(path), problem, "set data.columns.vector to the column's name")
+    kind = schema.field(column).type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)
+            or pa.types.is_fixed_size_list(kind)) or kind.value_type not in _FLOATS:  # fmt: skip
+        raise DataError(str(path), f"vector column {column!r} is {kind}", _FIX_TYPE)
+
+
+def row_group_blocks(path: Path, rows_per_task: int) -> list[tuple[int, int, int]]:
+    """-> [(first row group, last row group + 1, first row)] of about ``rows_per_task`` rows each:
+    what one task reads (metadata only: the footer)."""
+    meta = pq.ParquetFile(path).metadata
+    blocks, start, first_row, rows = [], 0, 0, 0
+    for g in range(meta.num_row_groups):
+        rows += meta.row_group(g).num_rows
+        if rows >= rows_per_task or g == meta.num_row_groups - 1:
+            blocks.append((start, g + 1, first_row))
+            start, first_row, rows = g + 1, first_row + rows, 0
+    return blocks
+
+
+def read_block(path: str, id_column: str, column: str, groups: tuple[int, int], first_row: int,
+               dim: int | None, out_path: str) -> tuple[int, int]:
+    """One task: row groups [a, b) of ``path`` -> ``out_path`` (.npy, unit float32 rows) and
+    ``out_path`` + ``.ids.parquet`` (the rows' ids, file order). -> (rows, dimension)."""
+    out = Path(out_path)
+    table = pq.ParquetFile(path).read_row_groups(range(*groups), columns=[id_column, column])
+    vecs = _matrix(table.column(column).combine_chunks(), path, column, first_row, dim)
+    norms = np.linalg.norm(vecs, axis=1)
+    if (bad := np.flatnonzero(norms == 0)).size:
+        raise DataError(path, f"the vector in {column!r} is all zeros", "drop the row or fix its "
+                        "embedding: a zero vector has no direction to compare", first_row + bad[0])
+    ids = pa.table({"id": table.column(id_column).cast(pa.string())})
+    pq.write_table(ids, str(out) + ".ids.parquet")  # before the vectors: they mark it done
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, (vecs / norms[:, None]).astype(np.float32))
+    return len(vecs), vecs.shape[1]
+
+
+def _matrix(arr: pa.Array, path: str, column: str, first_row: int, dim: int | None) -> np.ndarray:
+    """[rows, dim] float32 from a list column, each row checked (null, length, finite)."""
+    if arr.null_count:
+        row = first_row + int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(path, f"the vector in {column!r} is null", "give every row a vector", row)
+    if pa.types.is_fixed_size_list(arr.type):
+        lengths = np.full(len(arr), arr.type.list_size)
+        values = arr.flatten()
+    else:
+        offsets = arr.offsets.to_numpy()
+        lengths = np.diff(offsets)
+        values = arr.values.slice(offsets[0], offsets[-1] - offsets[0])
+    want = dim if dim is not None else (int(lengths[0]) if len(lengths) else 0)
+    if (bad := np.flatnonzero(lengths != want)).size:
+        problem = f"the vector in {column!r} has {lengths[bad[0]]} values where rows have {want}"
+        raise DataError(path, problem, "give every row (corpus and queries) one dimension",
+                        first_row + int(bad[0]))
+    if values.null_count:
+        raise DataError(path, f"a vector in {column!r} holds a null value", "fill in the value")
+    flat = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    vecs = flat.reshape(len(arr), want)
+    if not (finite := np.isfinite(vecs).all(axis=1)).all():
+        row = first_row + int(np.flatnonzero(~finite)[0])
+        raise DataError(path, f"the vector in {column!r} holds NaN or inf", "recompute the "
+                        "embedding of that row, or drop the row", row)
+    return vecs
+
+
+def assemble(parts: list[str], order_path: str, out_path: str) -> tuple[int, int]:
+    """One task: the partition files -> ``out_path`` (.npy [rows, dim]) in the order of the ids in
+    ``order_path`` (the rows the read stage kept: empty-text rows it skipped are left out)."""
+    import polars as pl
+
+    ids = pl.concat([pl.read_parquet(p + ".ids.parquet") for p in parts])
+    where = ids.with_row_index("src").join(
+        pl.read_parquet(order_path).with_row_index("dst"), left_on="id", right_on="id"
+    )
+    want = pq.ParquetFile(order_path).metadata.num_rows
+    if where.height != want:  # the read stage's ids come from the same files: a changed file
+        raise DataError(order_path, f"{want - where.height} kept rows have no vector",
+                        "rerun: the input files changed during the run")
+    src = where.sort("dst")["src"].to_numpy()
+    first = np.load(parts[0], mmap_mode="r")
+    out = np.lib.format.open_memmap(out_path + ".tmp", "w+", np.float32, (want, first.shape[1]))
+    sizes = np.cumsum([0] + [np.load(p, mmap_mode="r").shape[0] for p in parts])
+    for i, p in enumerate(parts):  # one partition in memory at a time
+        sel = np.flatnonzero((src >= sizes[i]) & (src < sizes[i + 1]))
+        out[sel] = np.load(p, mmap_mode="r")[src[sel] - sizes[i]]
+    out.flush()
+    del out
+    Path(out_path + ".tmp").replace(out_path)
+    return want, int(first.shape[1])
