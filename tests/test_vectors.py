@@ -23,7 +23,8 @@ def _write(folder: Path, n_docs: int = 120, n_queries: int = 40, seed: int = 0,
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(6, DIM))
     topic = rng.integers(0, 6, n_docs)
-    docs = (centres[topic] + 0.4 * rng.normal(size=(n_docs, DIM))) * rng.uniform(0.5, 3, (n_docs, 1))
+    scale = rng.uniform(0.5, 3, (n_docs, 1))  # not unit: curate normalises
+    docs = (centres[topic] + 0.4 * rng.normal(size=(n_docs, DIM))) * scale
     pos = rng.choice(n_docs, n_queries, replace=False)
     queries = docs[pos] + 0.2 * rng.normal(size=(n_queries, DIM))
     words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]

@@ -21,6 +21,7 @@ from curate.config import DataConfig
 from curate.errors import DataError
 from curate.files import atomic_path
 
+
 def parquet_inputs(data: DataConfig) -> DataConfig:
     """With given vectors, a BEIR folder's corpus and queries default to ``corpus.parquet`` and
     ``queries.parquet`` (JSON lines hold no vector column)."""
@@ -42,7 +43,8 @@ def check_schema(path: Path, column: str) -> None:
         problem = f"data.columns.vector is set ({column!r}) but {path.name} is not Parquet"
         raise DataError(str(path), problem, "write the file as Parquet with a vector column")
     if not path.is_file():
-        raise DataError(str(path), "file not found", "check data.path, data.corpus and data.queries")
+        fix = "check data.path, data.corpus and data.queries"
+        raise DataError(str(path), "file not found", fix)
     schema = pq.read_schema(path)
     if column not in schema.names:
         problem = f"no vector column {column!r} (found {schema.names})"
