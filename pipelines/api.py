@@ -80,7 +80,7 @@ def validate(config: ConfigLike = None, overrides: Sequence[str] = ()) -> dict[s
     -> {"config": Config, "model": resolved model folder, "stats": what the reader found,
     "effective": the settings the run will decide for itself
     (curate.effective.planned_settings)}."""
-    from curate import config_rules, outdir
+    from curate import config_rules, storage
     from curate.effective import planned_settings
     from curate.embed import encoder as embed_mod
     from curate.mine import fncheck
@@ -88,10 +88,10 @@ def validate(config: ConfigLike = None, overrides: Sequence[str] = ()) -> dict[s
     from curate.read.stage import resolve_data, train_pairs
 
     cfg = as_config(config, overrides)
-    outdir.check(Path(cfg.output_dir), cfg.overwrite)  # `run` would refuse it: say so here
+    storage.check_output(cfg, storage.output_folder(cfg))  # `run` would refuse it: say so here
     model = embed_mod.check_model(cfg.embed)  # remote code too, not only config.json
     fncheck.resolve_scorers(cfg)
-    ds = read_dataset(resolve_data(cfg))
+    ds = read_dataset(resolve_data(cfg), options=cfg.storage.options)
     pairs = train_pairs(ds, cfg)
     config_rules.check_data(cfg, pairs.height)
     stats = {**ds.stats, "train_pairs": pairs.height, "train_queries": pairs["query_id"].n_unique()}

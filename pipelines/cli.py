@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from curate import progress
+from curate import progress, storage
 from curate.errors import CurateError
 from pipelines import api
 
@@ -186,7 +186,9 @@ def cmd_run(args) -> int:
     _print_result(result)
     if "stopped_after" not in result:
         print(f"summary:  {result['output_dir']}/report.json")
-        _auto_report(result["output_dir"], args)
+        out = storage.output_folder(cfg)  # for a URL output_dir its staging folder, then uploaded
+        _auto_report(str(out), args)
+        storage.put_back(cfg, out, ["report.html"])
     if cfg.data.path == "demo" and args.stage == "eval":
         print(f"\nThe same pipeline on a BEIR folder:\n  {BEIR_HINT}")
     _print_warnings(result.get("warnings") or result.get("manifest", {}).get("warnings") or [])

@@ -19,9 +19,10 @@ import json
 import logging
 from pathlib import Path
 
-from curate import health, outdir
+from curate import health, outdir, storage
 from curate.config import Config
 from curate.embed import encoder as embed
+from curate.errors import ConfigError
 from curate.eval.metrics import METRICS
 from curate.files import atomic_path, write_json
 from curate.read.stage import resolve_data
@@ -36,7 +37,10 @@ def loop(cfg: Config, rounds: int, quiet: bool = False, keep_going: bool = False
     """-> one row per round (round 0 = the base model) with the held-out metrics; stops after a
     round worse than the best so far unless ``keep_going`` (loop.json names the best round's
     model either way)."""
-    root = Path(cfg.output_dir)
+    if storage.is_url(cfg.output_dir):
+        raise ConfigError(f"curate loop: output_dir {cfg.output_dir} is a URL; a retrain loop "
+                          "writes to a local folder only (copy its rounds up afterwards)")
+    root = Path(storage.local_path(cfg.output_dir))
     outdir.check(root, cfg.overwrite)  # before the demo data or any round is written there
     embed.check_model(cfg.embed)
     base = dataclasses.replace(

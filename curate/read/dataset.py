@@ -3,7 +3,8 @@
 Every problem raises a DataError naming the file, the row, what is wrong and the fix. Rows are
 1-based line numbers for JSONL/TSV/CSV (the header is line 1) and 0-based row indices for Parquet.
 JSONL and delimited files are decoded line by line here, not by polars, so that a malformed line or
-bad UTF-8 can be named exactly.
+bad UTF-8 can be named exactly. Any path may be a URL (s3://, gs://, ...): files are then streamed
+through fsspec (curate.storage), and errors name the URL as the user wrote it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import polars as pl
 
 from curate.config import ColumnsConfig, DataConfig
 from curate.errors import DataError
+from curate.storage import Location, Options, location
 
 try:
     from orjson import loads as _loads
@@ -63,23 +65,23 @@ class Dataset:
     stats: dict = field(default_factory=dict)
 
 
-def _fail(path: Path, row: int | None, problem: str, fix: str) -> DataError:
+def _fail(path: Location, row: int | None, problem: str, fix: str) -> DataError:
     if row is not None:
         unit = "0-based Parquet row index" if path.suffix == ".parquet" else "1-based line number"
         problem = f"{problem} (row = {unit})"
     return DataError(str(path), problem, fix, row=row)
 
 
-def _no_column(path: Path, f: _Field, col: str, found: Sequence, row: int | None) -> DataError:
+def _no_column(path: Location, f: _Field, col: str, found: Sequence, row: int | None) -> DataError:
     close = difflib.get_close_matches(col, [str(c) for c in found], n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     fix = f"rename it to {col!r} or set data.columns.{f.key}: {close[0] if close else '<name>'}"
     return _fail(path, row, f"no column {col!r} for {f.name} (found {list(found)}){hint}", fix)
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def _lines(path: Location) -> Iterator[tuple[int, str]]:
     """(1-based line number, decoded line), decoding each line on its own to name bad bytes."""
-    with open(path, "rb") as fh:
+    with path.open() as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
                 text = raw.decode("utf-8")
@@ -111,7 +113,7 @@ class _Columns:
         return pl.concat(self.frames)
 
 
-def _cell(path: Path, row: int, f: _Field, col: str, obj: dict) -> str | None:
+def _cell(path: Location, row: int, f: _Field, col: str, obj: dict) -> str | None:
     if col not in obj:
         if f.role == "title":
             return ""
@@ -125,7 +127,7 @@ def _cell(path: Path, row: int, f: _Field, col: str, obj: dict) -> str | None:
     raise _fail(path, row, f"{f.name} {value!r} is a {type(value).__name__}, not a string", fix)
 
 
-def _load_jsonl(path: Path, fields: Sequence[_Field], cols: ColumnsConfig) -> pl.DataFrame:
+def _load_jsonl(path: Location, fields: Sequence[_Field], cols: ColumnsConfig) -> pl.DataFrame:
     names = [getattr(cols, f.key) for f in fields]
     out = _Columns(fields)
     for lineno, text in _lines(path):
@@ -145,7 +147,7 @@ def _load_jsonl(path: Path, fields: Sequence[_Field], cols: ColumnsConfig) -> pl
     return out.frame()
 
 
-def _load_delimited(path: Path, fields: Sequence[_Field], cols: ColumnsConfig) -> pl.DataFrame:
+def _load_delimited(path: Location, fields: Sequence[_Field], cols: ColumnsConfig) -> pl.DataFrame:
     sep = "\t" if path.suffix == ".tsv" else ","
     # BEIR TSVs are unquoted: a quote inside a TSV field is text, not the start of a quoted field.
     quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
@@ -173,10 +175,10 @@ def _load_delimited(path: Path, fields: Sequence[_Field], cols: ColumnsConfig) -
     return out.frame()
 
 
-def _load_parquet(path: Path, fields: Sequence[_Field], cols: ColumnsConfig) -> pl.DataFrame:
+def _load_parquet(path: Location, fields: Sequence[_Field], cols: ColumnsConfig) -> pl.DataFrame:
     try:
-        raw = pl.read_parquet(path)
-    except (OSError, pl.exceptions.PolarsError) as e:
+        raw = path.read_parquet()
+    except (OSError, ValueError, pl.exceptions.PolarsError) as e:  # pyarrow's: ValueError
         raise _fail(path, None, f"not a readable Parquet file ({e})", "rewrite it") from None
     exprs = []
     for f in fields:
@@ -201,7 +203,7 @@ def _first(frame: pl.DataFrame, mask: pl.Expr) -> dict | None:
     return hit.row(0, named=True) if hit.height else None
 
 
-def _check(frame: pl.DataFrame, path: Path, kind: str) -> pl.DataFrame:
+def _check(frame: pl.DataFrame, path: Location, kind: str) -> pl.DataFrame:
     """Checks common to every format: ids present and unique, scores numeric."""
     id_cols = [f.name for f in _FIELDS[kind] if f.role == "id"]
     for col in id_cols:
@@ -221,7 +223,7 @@ def _check(frame: pl.DataFrame, path: Path, kind: str) -> pl.DataFrame:
     return frame.with_columns(score)
 
 
-def _read(path: Path, kind: str, columns: ColumnsConfig) -> pl.DataFrame:
+def _read(path: Location, kind: str, columns: ColumnsConfig) -> pl.DataFrame:
     """Validated frame with the canonical columns plus ``_row`` (the row errors name)."""
     if kind not in _FIELDS:
         raise ValueError(f"kind must be one of {list(_FIELDS)}, got {kind!r}")
@@ -234,16 +236,22 @@ def _read(path: Path, kind: str, columns: ColumnsConfig) -> pl.DataFrame:
     return _check(frame, path, kind)
 
 
-def read_table(path: Path, kind: str, columns: ColumnsConfig | None = None) -> pl.DataFrame:
+def read_table(
+    path: str | Path,
+    kind: str,
+    columns: ColumnsConfig | None = None,
+    options: Options | None = None,
+) -> pl.DataFrame:
     """One validated table; ``kind`` is "corpus", "queries" or "qrels". The suffix gives the
-    format: .jsonl/.json (JSON lines), .parquet, .tsv, .csv."""
-    return _read(Path(path), kind, columns or ColumnsConfig()).drop("_row")
+    format: .jsonl/.json (JSON lines), .parquet, .tsv, .csv. ``path`` may be a URL, reached with
+    ``options`` (curate.storage)."""
+    return _read(location(path, options), kind, columns or ColumnsConfig()).drop("_row")
 
 
 # --- the dataset: files located, empty texts handled, qrels checked against the ids ----------
 
 
-def _qrels_file(folder: Path, split: str, key: str) -> Path:
+def _qrels_file(folder: Location, split: str, key: str) -> Location:
     found = [p for p in sorted(folder.iterdir()) if p.suffix in SUFFIXES]
     matches = [p for p in found if p.stem == split]
     if len(matches) > 1:
@@ -255,19 +263,21 @@ def _qrels_file(folder: Path, split: str, key: str) -> Path:
     return matches[0]
 
 
-def _locate(cfg: DataConfig, splits: Sequence[str]) -> tuple[Path, Path, dict[str, Path]]:
+def _locate(
+    cfg: DataConfig, splits: Sequence[str], options: Options | None
+) -> tuple[Location, Location, dict[str, Location]]:
     """Every input path, checked before reading so a typo fails at once, not after the corpus."""
-    root = Path(cfg.path)
+    root = location(cfg.path, options)
     if None in (cfg.corpus, cfg.queries, cfg.qrels_dir) and not root.is_dir():
         fix = f"set data.path to {_LAYOUT}, or set data.corpus, data.queries and data.qrels_dir"
         raise _fail(root, None, "data folder not found", fix)
-    corpus = Path(cfg.corpus) if cfg.corpus else root / "corpus.jsonl"
-    queries = Path(cfg.queries) if cfg.queries else root / "queries.jsonl"
+    corpus = location(cfg.corpus, options) if cfg.corpus else root / "corpus.jsonl"
+    queries = location(cfg.queries, options) if cfg.queries else root / "queries.jsonl"
     for path, key in ((corpus, "corpus"), (queries, "queries")):
         if not path.is_file():
             fix = f"set data.path to {_LAYOUT}, or data.{key} to a .jsonl or .parquet file"
             raise _fail(path, None, f"{key} file not found", fix)
-    folder = Path(cfg.qrels_dir) if cfg.qrels_dir else root / "qrels"
+    folder = location(cfg.qrels_dir, options) if cfg.qrels_dir else root / "qrels"
     if not folder.is_dir():
         fix = f"set data.path to {_LAYOUT}, or set data.qrels_dir"
         raise _fail(folder, None, "qrels folder not found", fix)
@@ -276,7 +286,7 @@ def _locate(cfg: DataConfig, splits: Sequence[str]) -> tuple[Path, Path, dict[st
     return corpus, queries, qrels
 
 
-def _drop_empty(frame: pl.DataFrame, path: Path, mode: str) -> tuple[pl.DataFrame, pl.Series]:
+def _drop_empty(frame: pl.DataFrame, path: Location, mode: str) -> tuple[pl.DataFrame, pl.Series]:
     """(kept rows, ids of skipped empty rows); raises instead when ``mode`` is "error"."""
     # A document is its title plus its text: an empty text under a real title is still a document.
     title = pl.col("title") if "title" in frame.columns else pl.lit("")
@@ -293,7 +303,7 @@ def _drop_empty(frame: pl.DataFrame, path: Path, mode: str) -> tuple[pl.DataFram
     return frame.filter(~empty), skipped
 
 
-def _nothing_left(path: Path, kind: str, rows: int) -> DataError:
+def _nothing_left(path: Location, kind: str, rows: int) -> DataError:
     """A corpus or query file with no usable row."""
     if rows:
         problem = f"all {rows} rows have empty text and were skipped (data.empty_text: skip)"
@@ -303,7 +313,7 @@ def _nothing_left(path: Path, kind: str, rows: int) -> DataError:
 
 
 def _check_qrels(
-    qrels: pl.DataFrame, path: Path, kept: dict[str, pl.Series], skipped: dict[str, pl.Series]
+    qrels: pl.DataFrame, path: Location, kept: dict[str, pl.Series], skipped: dict[str, pl.Series]
 ) -> tuple[pl.DataFrame, int]:
     """Drop pairs naming a skipped (empty) doc or query, then fail on any id never seen."""
     of_skipped = pl.lit(False)
@@ -321,12 +331,15 @@ def _check_qrels(
     return qrels, dropped
 
 
-def read_dataset(cfg: DataConfig, splits: Sequence[str] | None = None) -> Dataset:
+def read_dataset(
+    cfg: DataConfig, splits: Sequence[str] | None = None, options: Options | None = None
+) -> Dataset:
     """Corpus, queries and qrels of ``splits`` (default: train and eval split), validated.
-    ``cfg.max_train_queries`` is left to the pipeline."""
+    ``cfg.max_train_queries`` is left to the pipeline; ``options``: how its URLs are reached
+    (the config's storage.options)."""
     if splits is None:
         splits = [cfg.train_split] + ([cfg.eval_split] if cfg.eval_split is not None else [])
-    corpus_path, queries_path, qrels_paths = _locate(cfg, list(dict.fromkeys(splits)))
+    corpus_path, queries_path, qrels_paths = _locate(cfg, list(dict.fromkeys(splits)), options)
     stats: dict = {}
     frames, kept, skipped = {}, {}, {}
     for name, kind, path in (("docs", "corpus", corpus_path), ("queries", "queries", queries_path)):
