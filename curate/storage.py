@@ -286,8 +286,12 @@ def named(cfg, out: Path, result: dict) -> dict:
     if not is_url(url):
         return result
     local = str(out)
-    return {k: url + v[len(local) :] if isinstance(v, str) and v.startswith(local) else v
-            for k, v in result.items()}  # fmt: skip
+
+    def of(v: Any) -> Any:
+        under = isinstance(v, str) and (v == local or v.startswith(local + os.sep))
+        return url + v[len(local) :].replace(os.sep, "/") if under else v
+
+    return {k: of(v) for k, v in result.items()}
 
 
 def publish(cfg, out: Path, result: dict) -> dict:

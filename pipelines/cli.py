@@ -132,9 +132,11 @@ def _print_result(result: dict) -> None:
             "later stages reuse it)"
         )
     if "shards" in result:
-        from curate.batch.shards import manifest_path
+        from curate.batch.shards import MANIFEST, manifest_path
 
-        print(f"shards:   {result['shards']}  (manifest: {manifest_path(result['shards'])})")
+        manifest = (f"{result['output_dir']}/{MANIFEST}" if storage.is_url(result["shards"])
+                    else manifest_path(result["shards"]))  # fmt: skip
+        print(f"shards:   {result['shards']}  (manifest: {manifest})")
         funnel = result["manifest"]["funnel"]
         print(
             f"funnel:   {funnel.get('candidates', 0):,} candidates -> {funnel.get('kept', 0):,} "

@@ -249,3 +249,15 @@ def test_credentials_in_the_config_are_refused():
         config_from_dict({"storage": {"options": {"s3": "http://127.0.0.1:9000"}}})
     cfg = config_from_dict({"output_dir": "file:///tmp/run", "storage": {"options": {}}})
     assert not storage.is_url(cfg.output_dir) and storage.output_folder(cfg) == Path("/tmp/run")
+
+
+def test_a_prefix_curate_cannot_write_fails_when_claimed(server, s3, tmp_path):
+    options = {"s3": {"endpoint_url": server[0]}}
+    cfg = config_from_dict(
+        {"output_dir": "s3://no-such-bucket/run", "storage": {"options": options}}
+    )
+    storage.check_output(cfg, tmp_path / "staging")  # nothing there: accepted, nothing created
+    (tmp_path / ".curate-run").write_text("{}")
+    with pytest.raises(OutputDirError, match=r"cannot write s3://no-such-bucket/run/\.curate-run"):
+        storage.claim(cfg, tmp_path)
+    assert not (tmp_path / "staging").exists()
