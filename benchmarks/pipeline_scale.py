@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                     machine=host,
                     corpus_generate_s=gen_s,
                     finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    # the box is shared: the load at the end says whether others ran meanwhile
+                    load_average_at_end=[round(x, 2) for x in os.getloadavg()],
                 )
                 merge_runs(Path(args.json), [rec])
                 statuses.append(rec["status"])
