@@ -83,12 +83,29 @@ def embed_texts(
         len(paths),
     )
     _gather(workers, futures, f"embed ({cache_dir.name})")
-    got_ids, vecs = embed.read_embeddings(paths) if paths else ([], np.empty((0, 0), np.float32))
-    order = np.concatenate([p.rows for p in parts]) if parts else np.empty(0, np.int64)
-    assert got_ids == [ids[i] for i in order], "embedding partitions out of order"
-    out = np.empty_like(vecs)
-    out[order] = vecs  # plan order -> input order
-    return list(ids), out
+    return list(ids), _joined(workers, paths, parts, ids, cache_dir)
+
+
+def _joined(workers: Workers, paths: list[Path], parts: list, ids: list[str],
+            cache_dir: Path) -> np.ndarray:
+    """The partitions joined into one input-ordered ``.npy`` by a task (cached by the partition
+    files' names, which are content hashes), memory-mapped here: the driver holds no vector."""
+    key = content_hash([p.name for p in paths] + [str(len(ids))])
+    out = cache_dir / f"vectors-{key}.npy"
+    if out.exists():
+        return np.load(out, mmap_mode="r")
+    spec = {"parts": [str(p) for p in paths], "ids": str(cache_dir / f"vectors-{key}.ids.arrow"),
+            "rows": str(cache_dir / f"vectors-{key}.rows.npy")}  # fmt: skip
+    rows = np.concatenate([p.rows for p in parts]) if parts else np.empty(0, np.int64)
+    np.save(spec["rows"], rows.astype(np.int64))
+    write_table(Path(spec["ids"]), pa.table({"id": pa.array(ids, pa.string())}))
+    spec_path = cache_dir / f"vectors-{key}.json"
+    spec_path.write_text(json.dumps(spec))
+    workers.client.submit(embed.assemble_embeddings, str(spec_path), str(out), key=f"join-{key}",
+                          pure=False).result()  # fmt: skip
+    for name in (spec_path, spec["rows"], spec["ids"]):  # scaffolding of the task, not cache
+        Path(name).unlink()
+    return np.load(out, mmap_mode="r")
 
 
 def _token_lengths(workers: Workers, texts: list[str], prefix: str, model_path: Path,

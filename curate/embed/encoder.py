@@ -367,6 +367,36 @@ def read_embeddings(paths: list[Path]) -> tuple[list[str], np.ndarray]:
     return table.column("id").to_pylist(), flat.astype(np.float32).reshape(-1, dim)
 
 
+def assemble_embeddings(parts_file: str, out_path: str) -> tuple[int, int]:
+    """One task: embedding partition files -> one ``.npy`` [N, D] float32 in input order, one
+    partition in memory at a time, so the driver memory-maps the result instead of holding it.
+    ``parts_file`` (JSON): the partition files in plan order, the plan's input row of each
+    embedded text (``rows``: a ``.npy``) and the ids in input order (``ids``: a Parquet file)."""
+    spec = json.loads(Path(parts_file).read_text())
+    rows = np.load(spec["rows"])
+    want = pq.ParquetFile(spec["ids"]).read().column("id").to_pylist()
+    out, at = None, 0
+    for p in spec["parts"]:
+        ids, vecs = read_embeddings([Path(p)])
+        if out is None:
+            out = np.lib.format.open_memmap(out_path + ".tmp", "w+", np.float32,
+                                            (len(rows), vecs.shape[1]))  # fmt: skip
+        if vecs.shape[1] != out.shape[1] or ids != [want[i] for i in rows[at : at + len(ids)]]:
+            raise StageMismatchError(
+                f"embedding file {p} does not belong to this run's plan. Fix: delete the "
+                "embeddings cache folder (cache_dir, default <output_dir>/cache) and rerun"
+            )
+        out[rows[at : at + len(ids)]] = vecs  # plan order -> input order
+        at += len(ids)
+    if out is None:  # nothing to embed
+        out = np.lib.format.open_memmap(out_path + ".tmp", "w+", np.float32, (0, 0))
+    out.flush()
+    shape = out.shape
+    del out
+    os.replace(out_path + ".tmp", out_path)
+    return shape
+
+
 def token_lengths(
     texts: list[str],
     model_path: str,

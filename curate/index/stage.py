@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from curate.config import Config
-from curate.files import atomic_write_bytes, write_table
+from curate.files import atomic_path, atomic_write_bytes, write_table
 from curate.index.build import RECORD, write_record
 from curate.mine.negatives import write_doc_texts
 from curate.records import Embedded, Model, Read
@@ -37,10 +38,23 @@ def is_built(work: Path, fp: str) -> bool:
 def write_inputs(work: Path, read: Read, emb: Embedded) -> None:
     """Doc texts (n-gram rule), vectors, text hashes and ids, as the mine tasks read them."""
     write_doc_texts(work / "doc_texts.arrow", read.texts)
-    np.save(work / "doc_vecs.npy", emb.doc_vecs)
+    if source := _npy_file(emb.doc_vecs):
+        with atomic_path(work / "doc_vecs.npy") as tmp:  # a file copy: no vector passes by here
+            shutil.copyfile(source, tmp)
+    else:
+        np.save(work / "doc_vecs.npy", emb.doc_vecs)
     hashes = [int(h[:16], 16) for h in read.corpus["hash"]]
     np.save(work / "doc_hash.npy", np.array(hashes, dtype=np.uint64))
     write_table(work / "doc_ids.parquet", pa.table({"doc_id": emb.doc_ids}))
+
+
+def _npy_file(vecs: np.ndarray) -> str | None:
+    """The ``.npy`` file ``vecs`` maps whole (the embed stage's output), else None."""
+    if not isinstance(vecs, np.memmap) or not str(vecs.filename or "").endswith(".npy"):
+        return None
+    whole = np.load(vecs.filename, mmap_mode="r")
+    same = whole.shape == vecs.shape and whole.offset == vecs.offset and whole.dtype == vecs.dtype
+    return str(vecs.filename) if same else None
 
 
 def mark_built(work: Path, fp: str, cfg: Config, model: Model, emb: Embedded) -> None:
