@@ -68,3 +68,15 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def npy_file(vecs) -> str | None:
+    """The ``.npy`` file the array ``vecs`` memory-maps whole (what the embed stage hands on),
+    else None: then the array lives in memory only."""
+    import numpy as np
+
+    if not isinstance(vecs, np.memmap) or not str(vecs.filename or "").endswith(".npy"):
+        return None
+    whole = np.load(vecs.filename, mmap_mode="r")
+    same = whole.shape == vecs.shape and whole.offset == vecs.offset and whole.dtype == vecs.dtype
+    return str(vecs.filename) if same else None

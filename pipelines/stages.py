@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import shutil
 from collections import Counter
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from curate.config import Config, EmbedConfig, IndexConfig, MineConfig
 from curate.embed import encoder as embed
 from curate.embed import plan as embed_plan
 from curate.errors import DataError
-from curate.files import atomic_path, write_table
+from curate.files import atomic_path, npy_file, write_table
 from curate.index import build as index
 from curate.index import stage as index_files
 from curate.mine import negatives as mine
@@ -94,7 +96,7 @@ def _joined(workers: Workers, paths: list[Path], parts: list, ids: list[str],
     out = cache_dir / f"vectors-{key}.npy"
     if out.exists():
         return np.load(out, mmap_mode="r")
-    spec = {"parts": [str(p) for p in paths], "ids": str(cache_dir / f"vectors-{key}.ids.arrow"),
+    spec = {"parts": [str(p) for p in paths], "ids": str(cache_dir / f"vectors-{key}.ids.pq"),
             "rows": str(cache_dir / f"vectors-{key}.rows.npy")}  # fmt: skip
     rows = np.concatenate([p.rows for p in parts]) if parts else np.empty(0, np.int64)
     np.save(spec["rows"], rows.astype(np.int64))
@@ -255,34 +257,55 @@ def _search_task(queries: np.ndarray, index_path: str, k: int, icfg: IndexConfig
     return index.search(shard, queries, k, icfg.query_block)
 
 
-def _block_rows(chunks: list[list[tuple]], rows: tuple[int, int]) -> list[tuple]:
-    """Per shard: the search grid chunks a block spans, joined and cut to the block's rows."""
+def _search_file_task(queries: str, rows: tuple[int, int], index_path: str, k: int,
+                      icfg: IndexConfig, threads: int, out_path: str) -> str:
+    """``_search_task`` on rows [a, b) of the ``queries`` file; the hits go to ``out_path`` (.npz)
+    and the path is the result, so no vector or hit list passes through the scheduler."""
+    d, i = _search_task(np.load(queries, mmap_mode="r")[rows[0] : rows[1]], index_path, k, icfg,
+                        threads)  # fmt: skip
+    with atomic_path(Path(out_path), ".tmp.npz") as tmp:
+        np.savez(tmp, d=d, i=i)
+    return out_path
+
+
+def _block_rows(chunks: list[list[str]], rows: tuple[int, int]) -> list[tuple]:
+    """Per shard: the search grid chunks a block spans (their hit files), joined and cut to the
+    block's rows."""
     a, b = rows
-    return [
-        (np.concatenate([d for d, _ in c])[a:b], np.concatenate([i for _, i in c])[a:b])
-        for c in chunks
-    ]
+    out = []
+    for files in chunks:
+        hits = [np.load(f) for f in files]
+        out.append((np.concatenate([h["d"] for h in hits])[a:b],
+                    np.concatenate([h["i"] for h in hits])[a:b]))  # fmt: skip
+    return out
 
 
-def _mine_task(
-    block: mine.PairBlock,
-    out_path: str,
-    chunks: list,
-    rows: tuple[int, int],
-    offsets: list[int],
-    vecs_path: str,
-    hash_path: str,
-    doc_ids_path: str,
-    mcfg: MineConfig,
-    seed: int,
-) -> str:
+@dataclass(frozen=True)
+class MineFiles:
+    """What every mine task reads, by path: the work folder's doc arrays and the stacked train
+    query vectors (all blocks' queries in block order)."""
+
+    doc_vecs: str
+    doc_hash: str
+    doc_ids: str
+    queries: str
+
+
+def _mine_task(block_path: str, out_path: str, chunks: list, rows: tuple[int, int],
+               queries: tuple[int, int], offsets: list[int], files: MineFiles, mcfg: MineConfig,
+               seed: int) -> str:
+    """One block: its pairs from ``block_path`` (a pickled PairBlock), its query vectors rows
+    ``queries`` of the stacked file, the per-shard hits from the search files -> the MINED and
+    FORBIDDEN partition files."""
     path = Path(out_path)
     if path.exists():
         return out_path
+    block = pickle.loads(Path(block_path).read_bytes())
+    block.query_vecs = np.asarray(np.load(files.queries, mmap_mode="r")[queries[0] : queries[1]])
     parts = _block_rows(chunks, rows)
-    doc_vecs = np.load(vecs_path, mmap_mode="r")
-    doc_hash = np.load(hash_path, mmap_mode="r")
-    doc_ids = pq.ParquetFile(doc_ids_path).read().column("doc_id").to_pylist()
+    doc_vecs = np.load(files.doc_vecs, mmap_mode="r")
+    doc_hash = np.load(files.doc_hash, mmap_mode="r")
+    doc_ids = pq.ParquetFile(files.doc_ids).read().column("doc_id").to_pylist()
     # Per-shard hits -> the exact global top-k (ties on the lower doc number): one code path
     # whatever the shard count, so sharded and unsharded flat runs mine the same negatives.
     scores, cands = index.merge_topk(parts, offsets, mcfg.top_k)
@@ -318,59 +341,42 @@ def _forbidden_path(path: Path) -> Path:
     return path.with_name(path.stem + ".forbidden.parquet")
 
 
+def _gather_rows(src: str, rows_path: str, out_path: str) -> str:
+    """One task: rows ``rows_path`` (.npy) of the ``src`` vectors -> ``out_path``, in chunks."""
+    vecs, rows = np.load(src, mmap_mode="r"), np.load(rows_path)
+    out = np.lib.format.open_memmap(out_path + ".tmp", "w+", np.float32, (len(rows), vecs.shape[1]))
+    for a in range(0, len(rows), 65536):
+        out[a : a + 65536] = vecs[rows[a : a + 65536]]
+    out.flush()
+    del out
+    os.replace(out_path + ".tmp", out_path)
+    return out_path
+
+
 class _SearchGrid:
     """Search tasks over fixed chunks of ``index.query_block`` queries, counted over the queries
     of all blocks in order: a query's hits never depend on which other queries share its mining
     block (BLAS sums a distance in an order set by how many queries share the call), and a chunk
-    two small blocks share is searched once. Tasks are submitted on first use."""
+    two small blocks share is searched once. Tasks are submitted on first use; each reads its
+    rows of the stacked query file and writes its hits to a file under ``hits_dir``."""
 
-    def __init__(
-        self,
-        workers: Workers,
-        blocks: list[mine.PairBlock],
-        shard_paths: list[Path],
-        homes: list[str],
-        icfg: IndexConfig,
-        k: int,
-        key: str,
-    ):
-        self.workers, self.shard_paths, self.homes, self.icfg, self.k, self.key = (
-            workers,
-            shard_paths,
-            homes,
-            icfg,
-            k,
-            key,
-        )
-        self.blocks, self.grid = blocks, icfg.query_block
-        self.ends = np.cumsum([len(b.query_ids) for b in blocks], dtype=np.int64)
-        self.chunks: dict[int, list] = {}
-
-    def _queries(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of all blocks' query vectors stacked."""
-        first = int(np.searchsorted(self.ends, start, side="right"))
-        last = int(np.searchsorted(self.ends, stop - 1, side="right"))
-        vecs = np.concatenate([b.query_vecs for b in self.blocks[first : last + 1]])
-        offset = int(self.ends[first - 1]) if first else 0
-        return vecs[start - offset : stop - offset]
+    def __init__(self, workers: Workers, queries: str, total: int, shard_paths: list[Path],
+                 homes: list[str], icfg: IndexConfig, k: int, key: str, hits_dir: Path):
+        self.workers, self.queries, self.total = workers, queries, total
+        self.shard_paths, self.homes, self.icfg, self.k, self.key = shard_paths, homes, icfg, k, key
+        self.grid, self.hits_dir, self.chunks = icfg.query_block, hits_dir, {}
 
     def _chunk(self, c: int) -> list:
         if c not in self.chunks:
-            queries = self._queries(c * self.grid, min((c + 1) * self.grid, int(self.ends[-1])))
+            rows = (c * self.grid, min((c + 1) * self.grid, self.total))
             self.chunks[c] = [
                 self.workers.client.submit(
-                    _search_task,
-                    queries,
-                    str(sp),
-                    self.k,
-                    self.icfg,
-                    self.workers.torch_threads,
-                    key=f"search-{self.key}-{c}-{s}",
-                    pure=False,
-                    **_home(self.homes, s),
+                    _search_file_task, self.queries, rows, str(sp), self.k, self.icfg,
+                    self.workers.torch_threads, str(self.hits_dir / f"{self.key}-{c}-{s}.npz"),
+                    key=f"search-{self.key}-{c}-{s}", pure=False, **_home(self.homes, s),
                 )
                 for s, sp in enumerate(self.shard_paths)
-            ]
+            ]  # fmt: skip
         return self.chunks[c]
 
     def rows(self, start: int, stop: int) -> tuple[list[list], tuple[int, int]]:
@@ -389,9 +395,28 @@ def _home(homes: list[str], shard: int) -> dict:
     return {"workers": [homes[shard % len(homes)]], "allow_other_workers": True}
 
 
+def _stacked_queries(workers: Workers, blocks: list[mine.PairBlock], query_vecs: np.ndarray,
+                     part_dir: Path, key: str) -> str:
+    """All blocks' query vectors in block order, one file written by a task from the run's
+    query vectors file (the driver writes it only for vectors it was handed in memory)."""
+    out = part_dir / f"queries-{key}.npy"
+    if out.exists():
+        return str(out)
+    rows = np.concatenate([b.query_rows for b in blocks]).astype(np.int64)
+    src = npy_file(query_vecs)
+    if src is None:
+        src = str(part_dir / f"queries-{key}.source.npy")
+        np.save(src, np.asarray(query_vecs, np.float32))
+    np.save(part_dir / f"queries-{key}.rows.npy", rows)
+    workers.client.submit(_gather_rows, src, str(part_dir / f"queries-{key}.rows.npy"), str(out),
+                          key=f"queries-{key}", pure=False).result()  # fmt: skip
+    return str(out)
+
+
 def mine_pairs(
     workers: Workers,
     blocks: list[mine.PairBlock],
+    query_vecs: np.ndarray,
     work_dir: Path,
     index_fp: str,
     icfg: IndexConfig,
@@ -402,51 +427,49 @@ def mine_pairs(
 
     Each block is searched in every index shard by its own task (shard s prefers worker s mod
     #workers, so a worker holds only its shards in memory); the block's mine task merges the
-    per-shard hits into the global top-k and filters them."""
+    per-shard hits into the global top-k and filters them. Tasks take paths and row ranges:
+    the blocks, query vectors and hits travel as files, never through the scheduler."""
     part_dir = work_dir / "mined"
     part_dir.mkdir(parents=True, exist_ok=True)
     grid = icfg.query_block
     settings = json.dumps([asdict(mcfg), icfg.nprobe, seed, {"search_grid": grid}], sort_keys=True)
-    args = [str(work_dir / n) for n in ("doc_vecs.npy", "doc_hash.npy", "doc_ids.parquet")]
     shard_paths, bounds = _shard_layout(work_dir, icfg)
     offsets = [a for a, _ in bounds]
     homes = sorted(workers.client.scheduler_info()["workers"]) if len(shard_paths) > 1 else []
-    search = _SearchGrid(
-        workers,
-        blocks,
-        shard_paths,
-        homes,
-        icfg,
-        mcfg.top_k,
-        content_hash([index_fp, settings, *(q for b in blocks for q in b.query_ids)]),
-    )
+    search_key = content_hash([index_fp, settings, *(q for b in blocks for q in b.query_ids)])
     ends = np.cumsum([len(b.query_ids) for b in blocks], dtype=np.int64)
-    futures, paths = [], []
+    todo = []
     for block, stop in zip(blocks, ends.tolist()):
         key = content_hash([index_fp, settings, *block.query_ids, *block.pos_ids])
-        path = part_dir / f"{key}.parquet"
-        paths.append(path)
-        if path.exists():
-            continue
-        chunks, rows = search.rows(stop - len(block.query_ids), stop)
-        futures.append(
-            workers.client.submit(
-                _mine_task,
-                block,
-                str(path),
-                chunks,
-                rows,
-                offsets,
-                *args,
-                mcfg,
-                seed,
-                key=f"mine-{key}",
-                pure=False,
-            )
-        )
-    del search  # a chunk's hits are freed once the mine tasks that read them finish
-    log.info("mining %d query blocks: %d cached", len(blocks), len(blocks) - len(futures))
-    _gather(workers, futures, "mine")
+        todo.append((block, stop, part_dir / f"{key}.parquet", key))
+    paths = [t[2] for t in todo]
+    if missing := [t for t in todo if not t[2].exists()]:
+        files = MineFiles(*(str(work_dir / n) for n in ("doc_vecs.npy", "doc_hash.npy",
+                                                         "doc_ids.parquet")),
+                          _stacked_queries(workers, blocks, query_vecs, part_dir, search_key))
+        hits_dir = part_dir / f"hits-{search_key}"
+        hits_dir.mkdir(exist_ok=True)
+        total = int(ends[-1]) if len(ends) else 0
+        search = _SearchGrid(workers, files.queries, total, shard_paths, homes, icfg, mcfg.top_k,
+                             search_key, hits_dir)  # fmt: skip
+        futures = []
+        for block, stop, path, key in missing:
+            block_path = part_dir / f"{key}.block.pkl"
+            block_path.write_bytes(pickle.dumps(block, protocol=pickle.HIGHEST_PROTOCOL))
+            start = stop - len(block.query_ids)
+            chunks, rows = search.rows(start, stop)
+            futures.append(workers.client.submit(
+                _mine_task, str(block_path), str(path), chunks, rows, (start, stop), offsets,
+                files, mcfg, seed, key=f"mine-{key}", pure=False,
+            ))  # fmt: skip
+        del search  # a chunk's hits are freed once the mine tasks that read them finish
+        log.info("mining %d query blocks: %d cached", len(blocks), len(blocks) - len(futures))
+        _gather(workers, futures, "mine")
+        shutil.rmtree(hits_dir, ignore_errors=True)  # scaffolding: the partitions hold the result
+        for _, _, _, key in missing:
+            (part_dir / f"{key}.block.pkl").unlink(missing_ok=True)
+    else:
+        log.info("mining %d query blocks: %d cached", len(blocks), len(blocks))
     tables, forbidden, funnel = [], [], Counter()
     for path in paths:
         t = pq.ParquetFile(path).read()
@@ -571,9 +594,8 @@ def mine_stage(workers: Workers, cfg: Config, read: Read, emb: Embedded, indexed
     """The ceiling calibrated (when asked), then every block mined on the cluster."""
     blocks = mine_logic.blocks(read, emb, indexed, cfg.mine.query_partition)
     mcfg, cal = mine_logic.calibrate_ceiling(cfg, read, emb, indexed)
-    pairs, forbidden, funnel = mine_pairs(
-        workers, blocks, indexed.work, indexed.fingerprint, indexed.index, mcfg, cfg.seed
-    )
+    pairs, forbidden, funnel = mine_pairs(workers, blocks, emb.query_vecs, indexed.work,
+                                          indexed.fingerprint, indexed.index, mcfg, cfg.seed)
     return Mined(pairs, forbidden, funnel, read.known, mcfg, cal, {})  # fmt: skip
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate.config import Config
-from curate.files import atomic_path, atomic_write_bytes, write_table
+from curate.files import atomic_path, atomic_write_bytes, npy_file, write_table
 from curate.index.build import RECORD, write_record
 from curate.mine.negatives import write_doc_texts
 from curate.records import Embedded, Model, Read
@@ -38,7 +38,7 @@ def is_built(work: Path, fp: str) -> bool:
 def write_inputs(work: Path, read: Read, emb: Embedded) -> None:
     """Doc texts (n-gram rule), vectors, text hashes and ids, as the mine tasks read them."""
     write_doc_texts(work / "doc_texts.arrow", read.texts)
-    if source := _npy_file(emb.doc_vecs):
+    if source := npy_file(emb.doc_vecs):
         with atomic_path(work / "doc_vecs.npy") as tmp:  # a file copy: no vector passes by here
             shutil.copyfile(source, tmp)
     else:
@@ -46,15 +46,6 @@ def write_inputs(work: Path, read: Read, emb: Embedded) -> None:
     hashes = [int(h[:16], 16) for h in read.corpus["hash"]]
     np.save(work / "doc_hash.npy", np.array(hashes, dtype=np.uint64))
     write_table(work / "doc_ids.parquet", pa.table({"doc_id": emb.doc_ids}))
-
-
-def _npy_file(vecs: np.ndarray) -> str | None:
-    """The ``.npy`` file ``vecs`` maps whole (the embed stage's output), else None."""
-    if not isinstance(vecs, np.memmap) or not str(vecs.filename or "").endswith(".npy"):
-        return None
-    whole = np.load(vecs.filename, mmap_mode="r")
-    same = whole.shape == vecs.shape and whole.offset == vecs.offset and whole.dtype == vecs.dtype
-    return str(vecs.filename) if same else None
 
 
 def mark_built(work: Path, fp: str, cfg: Config, model: Model, emb: Embedded) -> None:

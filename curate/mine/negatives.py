@@ -61,12 +61,13 @@ class PairBlock:
     """Integer view of one partition of training pairs; doc numbers index the corpus matrix."""
 
     query_ids: list[str]  # [Q]
-    query_vecs: np.ndarray  # [Q, D]
+    query_vecs: np.ndarray | None  # [Q, D]; None until the mine task reads them (query_rows)
     pair_query: np.ndarray  # [P] row in query_ids
     pair_pos: np.ndarray  # [P] doc number of the pair's positive
     known: list[np.ndarray]  # [Q] doc numbers of every known positive of the query
     pos_ids: list[str]  # [P] doc id of the pair's positive (for seeding)
     doc_texts: str | None = None  # Arrow file of doc texts by doc number (n-gram rule); None: off
+    query_rows: np.ndarray | None = None  # [Q] rows of the queries in the run's query vectors
 
 
 @dataclass

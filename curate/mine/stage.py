@@ -21,8 +21,9 @@ from curate.text import content_hash
 
 
 def pair_blocks(pairs: pl.DataFrame, known: dict[str, list[str]], q_row: dict, d_row: dict,
-                q_vecs: np.ndarray, size: int) -> list[PairBlock]:
-    """Training pairs grouped by query into blocks of ``size`` queries, in integer form."""
+                size: int) -> list[PairBlock]:
+    """Training pairs grouped by query into blocks of ``size`` queries, in integer form; the
+    query vectors stay in their file (``query_rows``): the mine task reads them."""
     qids = pairs["query_id"].unique(maintain_order=True).to_list()
     blocks = []
     for start in range(0, len(qids), size):
@@ -32,11 +33,12 @@ def pair_blocks(pairs: pl.DataFrame, known: dict[str, list[str]], q_row: dict, d
         blocks.append(
             PairBlock(
                 query_ids=ids,
-                query_vecs=q_vecs[[q_row[q] for q in ids]],
+                query_vecs=None,
                 pair_query=np.array([local[q] for q in sub["query_id"]], dtype=np.int64),
                 pair_pos=np.array([d_row[d] for d in sub["doc_id"]], dtype=np.int64),
                 known=[np.array(sorted(d_row[d] for d in known[q]), dtype=np.int64) for q in ids],
                 pos_ids=sub["doc_id"].to_list(),
+                query_rows=np.array([q_row[q] for q in ids], dtype=np.int64),
             )
         )
     return blocks  # fmt: skip
@@ -44,7 +46,7 @@ def pair_blocks(pairs: pl.DataFrame, known: dict[str, list[str]], q_row: dict, d
 
 def blocks(read: Read, emb: Embedded, indexed: Indexed, size: int) -> list[PairBlock]:
     """The run's training pairs as blocks, each reading doc texts for the n-gram rule."""
-    out = pair_blocks(read.pairs, read.known, emb.query_row, emb.doc_row, emb.query_vecs, size)
+    out = pair_blocks(read.pairs, read.known, emb.query_row, emb.doc_row, size)
     for b in out:
         b.doc_texts = str(indexed.work / "doc_texts.arrow")
     return out
