@@ -156,17 +156,27 @@ class Location:
         fs, path = self._fs()
         return io.BufferedReader(fs.open(path, "rb"), _READ_BUFFER)
 
-    def read_parquet(self):
-        """A Parquet file as a polars frame; a remote one read by pyarrow through fsspec (range
-        requests for the footer and the column chunks, no local copy)."""
+    def read_parquet(self, columns: list[str] | None = None):
+        """A Parquet file (``columns`` of it: None, all) as a polars frame; a remote one read by
+        pyarrow through fsspec (range requests for the footer and the column chunks, no local
+        copy)."""
         import polars as pl
 
         if not self.remote:
-            return pl.read_parquet(self.text)
+            return pl.read_parquet(self.text, columns=columns)
         import pyarrow.parquet as pq
 
         fs, path = self._fs()
-        return pl.from_arrow(pq.read_table(path, filesystem=fs))
+        return pl.from_arrow(pq.read_table(path, filesystem=fs, columns=columns))
+
+    def parquet_columns(self) -> list[str]:
+        """The column names in a Parquet file's footer (nothing else is read)."""
+        import pyarrow.parquet as pq
+
+        if not self.remote:
+            return pq.read_schema(self.text).names
+        fs, path = self._fs()
+        return pq.read_schema(path, filesystem=fs).names
 
 
 def location(path: str | Path | Location, options: Options | None = None) -> Location:

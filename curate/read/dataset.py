@@ -177,7 +177,11 @@ def _load_delimited(path: Location, fields: Sequence[_Field], cols: ColumnsConfi
 
 def _load_parquet(path: Location, fields: Sequence[_Field], cols: ColumnsConfig) -> pl.DataFrame:
     try:
-        raw = path.read_parquet()
+        # The columns curate reads, not the whole file: a vector column (data.columns.vector)
+        # is read by worker tasks, never here (~1.5 KB a row at 384 dims).
+        names = path.parquet_columns()
+        wanted = [c for c in dict.fromkeys(getattr(cols, f.key) for f in fields) if c in names]
+        raw = path.read_parquet(wanted) if wanted else pl.DataFrame()
     except (OSError, ValueError, pl.exceptions.PolarsError) as e:  # pyarrow's: ValueError
         raise _fail(path, None, f"not a readable Parquet file ({e})", "rewrite it") from None
     exprs = []
@@ -185,7 +189,7 @@ def _load_parquet(path: Location, fields: Sequence[_Field], cols: ColumnsConfig)
         col = getattr(cols, f.key)
         if col not in raw.columns:
             if f.role != "title":
-                raise _no_column(path, f, col, raw.columns, None)
+                raise _no_column(path, f, col, names, None)
             exprs.append(pl.lit("", pl.String).alias(f.name))
         elif f.role == "score":
             exprs.append(pl.col(col).alias(f.name))
