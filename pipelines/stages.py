@@ -56,36 +56,67 @@ def embed_texts(
 ) -> tuple[list[str], np.ndarray]:
     """Embed on the cluster, one task per partition of the embedding plan (curate/embed/plan.py:
     batches cut over all texts, so no vector depends on ``partition_size``);
-    -> (ids, [N, D] float32) in input order."""
+    -> (ids, [N, D] float32, memory-mapped) in input order. Tasks read their texts from one Arrow
+    file by row range and write their vectors to files: no text or vector is a task argument or
+    result."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(cfg).items() if k != "partition_size"}
     settings = json.dumps({**settings, "compute_dtype": embed.local_dtype(cfg)}, sort_keys=True)
-    lengths = _token_lengths(workers, texts, prefix, model_path, model_fp, cfg, cache_dir)
+    source = _TextsFile(cache_dir, ids, texts)
+    lengths = _token_lengths(workers, source, prefix, model_path, model_fp, cfg, cache_dir)
     parts = embed_plan.plan(lengths, embed_plan.text_hashes(texts, prefix), cfg.token_budget,
                             cfg.partition_size)
-    futures, paths = [], []
+    todo, paths, at = [], [], 0
     for part in parts:
         part_ids, part_texts = [ids[i] for i in part.rows], [texts[i] for i in part.rows]
         sizes = ",".join(map(str, part.sizes))
         key = content_hash([model_fp, settings, prefix, sizes, *part_ids, *part_texts])
         path = cache_dir / f"{key}.parquet"
         paths.append(path)
-        if path.exists():
-            continue
-        futures.append(
+        if not path.exists():
+            todo.append((key, path, (at, at + len(part.rows)), part.sizes))
+        at += len(part.rows)
+    futures = []
+    if todo:
+        plan_key = content_hash([source.key, prefix, *(p.name for p in paths)])
+        plan_path = cache_dir / f"plan-{plan_key}.npy"
+        rows = np.concatenate([p.rows for p in parts]).astype(np.int64)
+        with atomic_path(plan_path, ".tmp.npy") as tmp:
+            np.save(tmp, rows)
+        futures = [
             workers.client.submit(
-                embed.embed_partition, part_ids, part_texts, str(path), str(model_path), cfg,
-                prefix, workers.torch_threads, part.sizes, key=f"embed-{key}", pure=False,
+                embed.embed_rows, source.path(), str(plan_path), span, str(path), str(model_path),
+                cfg, prefix, workers.torch_threads, sizes, key=f"embed-{key}", pure=False,
             )
-        )
-    log.info(
-        "embedding %d texts: %d of %d partitions cached",
-        len(ids),
-        len(paths) - len(futures),
-        len(paths),
-    )
+            for key, path, span, sizes in todo
+        ]  # fmt: skip
+    log.info("embedding %d texts: %d of %d partitions cached", len(ids), len(paths) - len(todo),
+             len(paths))  # fmt: skip
     _gather(workers, futures, f"embed ({cache_dir.name})")
+    if todo:
+        plan_path.unlink(missing_ok=True)
+    source.drop()
     return list(ids), _joined(workers, paths, parts, ids, cache_dir)
+
+
+class _TextsFile:
+    """The texts of one ``embed_texts`` call as an Arrow file in the cache folder, written on
+    first use (a fully cached call writes none) and removed when the call ends."""
+
+    def __init__(self, cache_dir: Path, ids: list[str], texts: list[str]):
+        self.cache_dir, self.ids, self.texts = cache_dir, ids, texts
+        self.key = content_hash([*ids, "\x1e", *texts])
+        self._path: Path | None = None
+
+    def path(self) -> str:
+        if self._path is None:
+            self._path = self.cache_dir / f"texts-{self.key}.arrow"
+            embed.write_texts(self._path, self.ids, self.texts)
+        return str(self._path)
+
+    def drop(self) -> None:
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
 
 
 def _joined(workers: Workers, paths: list[Path], parts: list, ids: list[str],
@@ -110,32 +141,31 @@ def _joined(workers: Workers, paths: list[Path], parts: list, ids: list[str],
     return np.load(out, mmap_mode="r")
 
 
-def _token_lengths(workers: Workers, texts: list[str], prefix: str, model_path: Path,
+def _token_lengths(workers: Workers, source: _TextsFile, prefix: str, model_path: Path,
                    model_fp: str, cfg: EmbedConfig, cache_dir: Path) -> np.ndarray:
-    """[N] token lengths, tokenized on the cluster in contiguous chunks; kept in ``cache_dir``
-    keyed by tokenizer, max_length and texts, so a rerun that finds every partition cached needs
-    no model."""
-    key = content_hash([model_fp, str(cfg.max_length), prefix, *texts])
+    """[N] token lengths, tokenized on the cluster in contiguous chunks (each task writes its
+    chunk to a file); kept in ``cache_dir`` keyed by tokenizer, max_length and texts, so a rerun
+    that finds every partition cached needs no model."""
+    key = content_hash([model_fp, str(cfg.max_length), prefix, *source.texts])
     path = cache_dir / f"lengths-{key}.npy"
     if path.exists():
         return np.load(path)
     step = max(cfg.partition_size, 1024)  # chunking only splits the work
+    n = len(source.texts)
     futures = [
         workers.client.submit(
-            embed.token_lengths,
-            texts[start : start + step],
-            str(model_path),
-            cfg,
-            prefix,
-            workers.torch_threads,
-            key=f"lengths-{key}-{start}",
-            pure=False,
+            embed.lengths_rows, source.path(), (start, min(start + step, n)), str(model_path),
+            cfg, prefix, workers.torch_threads, str(cache_dir / f"lengths-{key}-{start}.npy"),
+            key=f"lengths-{key}-{start}", pure=False,
         )
-        for start in range(0, len(texts), step)
-    ]
-    lengths = np.concatenate([np.empty(0, np.int32), *_gather(workers, futures, "tokenize")])
+        for start in range(0, n, step)
+    ]  # fmt: skip
+    chunks = [Path(p) for p in _gather(workers, futures, "tokenize")]
+    lengths = np.concatenate([np.empty(0, np.int32), *(np.load(p) for p in chunks)])
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, lengths)
+    for p in chunks:
+        p.unlink()
     return lengths
 
 

@@ -190,22 +190,14 @@ def test_cli_cluster_with_a_killed_worker_gives_the_local_cluster_bytes(cluster_
 
 
 # The scheduler carries no data: a task names its inputs (paths, row ranges, frozen configs of
-# about 250-300 B pickled) and returns a path or a count. The index task, built that way, is
-# 340 B in and 114 B out here. 4 KiB leaves room for long paths and the embedding plan's batch
-# sizes, and stays under what one partition of data weighs even at this test's small scale, so
-# a task that carries data fails it: a mine block's query vectors and ids (~5 KB), a search
-# chunk's queries (~6 KB) and hits (40 queries x 20 x 12 B ~ 9.6 KB), an embed partition's texts
-# (~190 KB). 16 KiB would let the mine and search tasks through at this scale. (A token-lengths
-# result, 4 B per text, is data too, but 1-2 KB at this size: the bound cannot see it here.)
+# about 250-300 B pickled) and returns a path or a count. 4 KiB leaves room for long paths and
+# the embedding plan's batch sizes, and stays under what one partition of data weighs even at
+# this test's small scale, so a task that carries data fails it: before issue #15 a mine block's
+# query vectors and ids were ~5 KB, a search chunk's queries ~6 KB and hits ~9.6 KB, an embed
+# partition's texts ~190 KB and a tokenizing chunk's ~495 KB.
 MAX_TASK_BYTES = 4 * 1024
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipelines/stages.py still sends data through the scheduler (issue #15 item 1): "
-    "embed and lengths tasks take texts, mine tasks a PairBlock with query vectors, search tasks "
-    "query vectors and return hits; remove this mark when they take paths and row ranges",
-)
 def test_the_scheduler_carries_no_data(cluster_run):
     prefixes = cluster_run.traffic["prefixes"]
     assert {"embed", "mine"} <= prefixes.keys(), f"the meter missed tasks: {sorted(prefixes)}"

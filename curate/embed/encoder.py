@@ -7,6 +7,7 @@ row), which removes most padding on real corpora where lengths vary tenfold.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 from curate import faults, schema
 from curate.config import EmbedConfig
 from curate.errors import ConfigError, NonFiniteEmbeddingError, StageMismatchError
-from curate.files import write_table
+from curate.files import atomic_path, write_table
 
 log = logging.getLogger(__name__)
 
@@ -365,6 +366,49 @@ def read_embeddings(paths: list[Path]) -> tuple[list[str], np.ndarray]:
         values.buffers()[1], np_dtype, len(values), values.offset * np_dtype().itemsize
     )
     return table.column("id").to_pylist(), flat.astype(np.float32).reshape(-1, dim)
+
+
+def write_texts(path: Path, ids: list[str], texts: list[str]) -> None:
+    """The texts to embed with their ids as an uncompressed Arrow file (temp name, then rename):
+    embed tasks memory-map it and take their rows, so no text is a task argument."""
+    table = pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.large_string())})
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+
+
+@functools.lru_cache(maxsize=2)
+def _texts(path: str, mtime_ns: int) -> pa.Table:
+    return pa.ipc.open_file(pa.memory_map(path)).read_all()
+
+
+def _rows_of(texts_path: str, rows: np.ndarray | slice) -> tuple[list[str], list[str]]:
+    table = _texts(texts_path, os.stat(texts_path).st_mtime_ns)
+    sub = table.slice(rows.start, rows.stop - rows.start) if isinstance(rows, slice) else \
+        table.take(pa.array(rows))
+    return sub.column("id").to_pylist(), sub.column("text").to_pylist()
+
+
+def embed_rows(texts_path: str, plan_path: str, span: tuple[int, int], out_path: str,
+               model_path: str, cfg: EmbedConfig, prefix: str, torch_threads: int | None,
+               sizes: list[int]) -> str:
+    """One embed task: plan positions [a, b) (``plan_path``: the input row of each plan
+    position) of the texts file -> ``embed_partition``."""
+    if Path(out_path).exists():
+        return out_path
+    rows = np.load(plan_path, mmap_mode="r")[span[0] : span[1]]
+    ids, texts = _rows_of(texts_path, np.asarray(rows))
+    return embed_partition(ids, texts, out_path, model_path, cfg, prefix, torch_threads, sizes)
+
+
+def lengths_rows(texts_path: str, span: tuple[int, int], model_path: str, cfg: EmbedConfig,
+                 prefix: str, torch_threads: int | None, out_path: str) -> str:
+    """One tokenizing task: the token lengths of input rows [a, b) -> ``out_path`` (.npy)."""
+    _, texts = _rows_of(texts_path, slice(*span))
+    lengths = token_lengths(texts, model_path, cfg, prefix, torch_threads)
+    with atomic_path(Path(out_path), ".tmp.npy") as tmp:
+        np.save(tmp, lengths)
+    return out_path
 
 
 def assemble_embeddings(parts_file: str, out_path: str) -> tuple[int, int]:
