@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -22,10 +23,15 @@ STAMP = "index.fingerprint"  # in the work folder: which embeddings the index fi
 
 
 def fingerprint(cfg: Config, model: Model, emb: Embedded) -> str:
-    """Of the model, the index settings and the doc vectors: equal means the files still hold."""
+    """Of the model, the index settings and the doc vectors: equal means the files still hold.
+    Vectors in a file the embed stage named by its content are known by that name, so the
+    driver does not read them all (at 10M x 384 dims, 15 GB) to hash them."""
+    src = npy_file(emb.doc_vecs)
+    named = src is not None and Path(src).name.startswith(("vectors-", "given-"))
+    vecs = Path(src).name if named else str(float(emb.doc_vecs.sum()))
     return content_hash([
         model.fingerprint, json.dumps(dataclasses.asdict(cfg.index), sort_keys=True),
-        *emb.doc_ids, str(emb.doc_vecs.shape), str(float(emb.doc_vecs.sum())),
+        *emb.doc_ids, str(emb.doc_vecs.shape), vecs,
     ])  # fmt: skip
 
 
@@ -39,10 +45,15 @@ def write_inputs(work: Path, read: Read, emb: Embedded) -> None:
     """Doc texts (n-gram rule), vectors, text hashes and ids, as the mine tasks read them."""
     write_doc_texts(work / "doc_texts.arrow", read.texts)
     if source := npy_file(emb.doc_vecs):
-        with atomic_path(work / "doc_vecs.npy") as tmp:  # a file copy: no vector passes by here
-            shutil.copyfile(source, tmp)
+        with atomic_path(work / "doc_vecs.npy") as tmp:  # no vector passes through the driver
+            tmp.unlink(missing_ok=True)  # a crashed run's name: never write through it
+            try:  # a second name for the same bytes (15 GB at 10M x 384), else a copy
+                os.link(source, tmp)
+            except OSError:
+                shutil.copyfile(source, tmp)
     else:
-        np.save(work / "doc_vecs.npy", emb.doc_vecs)
+        with atomic_path(work / "doc_vecs.npy", ".tmp.npy") as tmp:  # never into a linked file
+            np.save(tmp, emb.doc_vecs)
     hashes = [int(h[:16], 16) for h in read.corpus["hash"]]
     np.save(work / "doc_hash.npy", np.array(hashes, dtype=np.uint64))
     write_table(work / "doc_ids.parquet", pa.table({"doc_id": emb.doc_ids}))

@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 
 from curate.config import DataConfig
 from curate.errors import DataError
-from curate.files import atomic_path
 
 
 def parquet_inputs(data: DataConfig) -> DataConfig:
@@ -68,22 +67,41 @@ def row_group_blocks(path: Path, rows_per_task: int) -> list[tuple[int, int, int
     return blocks
 
 
+def dimension(path: Path, column: str) -> int:
+    """The vector length of the first row (the list type's size when fixed): the shape of the
+    file the tasks fill, read from the footer and one row."""
+    kind = pq.read_schema(path).field(column).type
+    if pa.types.is_fixed_size_list(kind):
+        return kind.list_size
+    first = next(pq.ParquetFile(path).iter_batches(batch_size=1, columns=[column]), None)
+    if first is None or not first.num_rows or first.column(0).is_null().to_pylist()[0]:
+        return 0  # empty file or a null first vector: read_block names the problem
+    return len(first.column(0)[0])
+
+
 def read_block(path: str, id_column: str, column: str, groups: tuple[int, int], first_row: int,
-               dim: int | None, out_path: str) -> tuple[int, int]:
-    """One task: row groups [a, b) of ``path`` -> ``out_path`` (.npy, unit float32 rows) and
-    ``out_path`` + ``.ids.parquet`` (the rows' ids, file order). -> (rows, dimension)."""
-    out = Path(out_path)
+               dim: int, out_path: str) -> int:
+    """One task: row groups [a, b) of ``path`` -> rows [first_row, ...) of ``out_path`` (a
+    ``.npy`` of the whole file's rows, unit float32, that every block's task fills in place)
+    and ``<out_path>.<first_row>.ids.parquet``, the rows' ids, written last: it marks the block
+    done. -> rows."""
     table = pq.ParquetFile(path).read_row_groups(range(*groups), columns=[id_column, column])
     vecs = _matrix(table.column(column).combine_chunks(), path, column, first_row, dim)
     norms = np.linalg.norm(vecs, axis=1)
     if (bad := np.flatnonzero(norms == 0)).size:
         raise DataError(path, f"the vector in {column!r} is all zeros", "drop the row or fix its "
                         "embedding: a zero vector has no direction to compare", first_row + bad[0])
+    out = np.load(out_path, mmap_mode="r+")
+    out[first_row : first_row + len(vecs)] = vecs / norms[:, None]
+    out.flush()
+    del out
     ids = pa.table({"id": table.column(id_column).cast(pa.string())})
-    pq.write_table(ids, str(out) + ".ids.parquet")  # before the vectors: they mark it done
-    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, (vecs / norms[:, None]).astype(np.float32))
-    return len(vecs), vecs.shape[1]
+    pq.write_table(ids, block_ids(out_path, first_row))
+    return len(vecs)
+
+
+def block_ids(out_path: str, first_row: int) -> str:
+    return f"{out_path}.{first_row:012d}.ids.parquet"
 
 
 def _matrix(arr: pa.Array, path: str, column: str, first_row: int, dim: int | None) -> np.ndarray:
@@ -114,27 +132,28 @@ def _matrix(arr: pa.Array, path: str, column: str, first_row: int, dim: int | No
     return vecs
 
 
-def assemble(parts: list[str], order_path: str, out_path: str) -> tuple[int, int]:
-    """One task: the partition files -> ``out_path`` (.npy [rows, dim]) in the order of the ids in
-    ``order_path`` (the rows the read stage kept: empty-text rows it skipped are left out)."""
+def assemble(file_rows: str, first_rows: list[int], order_path: str, out_path: str) -> int:
+    """One task: the file-order vectors ``file_rows`` -> ``out_path`` in the order of the ids in
+    ``order_path`` (the rows the read stage kept). When that is the file's order (no empty text
+    skipped), the file is renamed, not copied. -> rows."""
     import polars as pl
 
-    ids = pl.concat([pl.read_parquet(p + ".ids.parquet") for p in parts])
-    where = ids.with_row_index("src").join(
-        pl.read_parquet(order_path).with_row_index("dst"), left_on="id", right_on="id"
-    )
-    want = pq.ParquetFile(order_path).metadata.num_rows
-    if where.height != want:  # the read stage's ids come from the same files: a changed file
-        raise DataError(order_path, f"{want - where.height} kept rows have no vector",
+    ids = pl.concat([pl.read_parquet(block_ids(file_rows, r)) for r in first_rows])
+    want = pl.read_parquet(order_path)
+    if ids["id"].equals(want["id"]):
+        Path(file_rows).replace(out_path)
+        return want.height
+    where = ids.with_row_index("src").join(want.with_row_index("dst"), on="id")
+    if where.height != want.height:  # the read stage's ids come from the same files
+        raise DataError(order_path, f"{want.height - where.height} kept rows have no vector",
                         "rerun: the input files changed during the run")
     src = where.sort("dst")["src"].to_numpy()
-    first = np.load(parts[0], mmap_mode="r")
-    out = np.lib.format.open_memmap(out_path + ".tmp", "w+", np.float32, (want, first.shape[1]))
-    sizes = np.cumsum([0] + [np.load(p, mmap_mode="r").shape[0] for p in parts])
-    for i, p in enumerate(parts):  # one partition in memory at a time
-        sel = np.flatnonzero((src >= sizes[i]) & (src < sizes[i + 1]))
-        out[sel] = np.load(p, mmap_mode="r")[src[sel] - sizes[i]]
+    vecs = np.load(file_rows, mmap_mode="r")
+    out = np.lib.format.open_memmap(out_path + ".tmp", "w+", np.float32, (len(src), vecs.shape[1]))
+    for a in range(0, len(src), 65536):  # a chunk in memory at a time
+        out[a : a + 65536] = vecs[src[a : a + 65536]]
     out.flush()
-    del out
+    del out, vecs
     Path(out_path + ".tmp").replace(out_path)
-    return want, int(first.shape[1])
+    Path(file_rows).unlink()
+    return want.height
