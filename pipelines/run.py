@@ -10,6 +10,7 @@ changed later stage) repeats only what changed.
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,17 +34,20 @@ STAGES = ("embed", "index", "mine", "batch", "train", "eval")
 
 
 class _Clock:
-    """Seconds per stage, logged as each ends (report.json: timings)."""
+    """Seconds per stage, logged as each ends (report.json: timings), and this process's peak
+    memory when each ended (report.json: driver_peak_mb): where the driver's memory went."""
 
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
+        self.peak_mb: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, name: str):
         t0 = time.perf_counter()
         yield
         self.timings[name] = round(time.perf_counter() - t0, 3)
-        log.info("%s: %.1fs", name, self.timings[name])
+        self.peak_mb[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        log.info("%s: %.1fs (driver peak %.0f MB)", name, self.timings[name], self.peak_mb[name])
 
 
 def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
@@ -72,7 +76,7 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
         with clock("index"):
             index_fp = stages.index_stage(workers, work, cfg, read, model, emb)
         with clock("recall_guard"):  # approximate indexes: recall@k vs brute force
-            indexed = stages.guard_stage(work, index_fp, cfg, read, emb)
+            indexed = stages.guard_stage(workers, work, index_fp, cfg, read, emb)
         if stop_after == "index":
             return stop("index")
         with clock("mine"):
@@ -81,8 +85,9 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
             mined = mine.check(cfg, read, emb, indexed, mined)
         if stop_after == "mine":
             return stop("mine")
-        with clock("curate"):
-            curated = batch.curate(cfg, out, read, emb, mined)
+        with clock("curate"):  # topics in a task, then the batches and shards
+            topic_of = stages.topics_stage(workers, cfg, emb, mined, work)
+            curated = batch.curate(cfg, out, read, emb, mined, topic_of)
         result = {"output_dir": str(out), "shards": str(curated.shards),
                   "manifest": curated.summary, "effective": curated.summary["effective"]}
         if stop_after == "batch":
@@ -96,6 +101,7 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
             with clock("evaluate"):
                 result["eval"] = stages.evaluate_stage(workers, cfg, read, cache, model,
                                                        result.get("model"))
+    result["driver_peak_mb"] = clock.peak_mb
     return finish(cfg, out, result, clock.timings, emb)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -324,14 +323,14 @@ class MineFiles:
 def _mine_task(block_path: str, out_path: str, chunks: list, rows: tuple[int, int],
                queries: tuple[int, int], offsets: list[int], files: MineFiles, mcfg: MineConfig,
                seed: int) -> str:
-    """One block: its pairs from ``block_path`` (a pickled PairBlock), its query vectors rows
+    """One block: its pairs from ``block_path`` (``negatives.save_block``), its query vectors rows
     ``queries`` of the stacked file, the per-shard hits from the search files -> the MINED and
     FORBIDDEN partition files."""
     path = Path(out_path)
     if path.exists():
         return out_path
-    block = pickle.loads(Path(block_path).read_bytes())
-    block.query_vecs = np.asarray(np.load(files.queries, mmap_mode="r")[queries[0] : queries[1]])
+    vecs = np.asarray(np.load(files.queries, mmap_mode="r")[queries[0] : queries[1]])
+    block = mine.load_block(block_path, vecs)
     parts = _block_rows(chunks, rows)
     doc_vecs = np.load(files.doc_vecs, mmap_mode="r")
     doc_hash = np.load(files.doc_hash, mmap_mode="r")
@@ -484,8 +483,8 @@ def mine_pairs(
                              search_key, hits_dir)  # fmt: skip
         futures = []
         for block, stop, path, key in missing:
-            block_path = part_dir / f"{key}.block.pkl"
-            block_path.write_bytes(pickle.dumps(block, protocol=pickle.HIGHEST_PROTOCOL))
+            block_path = part_dir / f"{key}.block.npz"
+            mine.save_block(block_path, block)
             start = stop - len(block.query_ids)
             chunks, rows = search.rows(start, stop)
             futures.append(workers.client.submit(
@@ -497,7 +496,7 @@ def mine_pairs(
         _gather(workers, futures, "mine")
         shutil.rmtree(hits_dir, ignore_errors=True)  # scaffolding: the partitions hold the result
         for _, _, _, key in missing:
-            (part_dir / f"{key}.block.pkl").unlink(missing_ok=True)
+            (part_dir / f"{key}.block.npz").unlink(missing_ok=True)
     else:
         log.info("mining %d query blocks: %d cached", len(blocks), len(blocks))
     tables, forbidden, funnel = [], [], Counter()
@@ -515,9 +514,11 @@ def mine_pairs(
 
 def given_vectors(workers: Workers, path: Path, id_column: str, column: str, ids: list[str],
                   cache_dir: Path, rows_per_task: int) -> np.ndarray:
-    """The vectors of ``path``'s ``column`` for ``ids`` (in that order), read by one task per
-    group of row groups and joined into one ``.npy`` by another; -> that file memory-mapped, so
-    the driver holds no vector. Keyed by the file's name, size and change time."""
+    """The vectors of ``path``'s ``column`` for ``ids`` (in that order): one task per group of
+    row groups fills its rows of one file-order ``.npy`` in place, a last task puts them in
+    ``ids``' order (a rename when that is the file's order); -> that file memory-mapped, so the
+    driver holds no vector, and one copy of them is on disk. Keyed by the file's name, size and
+    change time; a rerun after a crash reads only the blocks not yet marked done."""
     from curate.read import vectors
 
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -525,24 +526,30 @@ def given_vectors(workers: Workers, path: Path, id_column: str, column: str, ids
     key = content_hash([str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), column])
     order_key = content_hash([key, *ids])
     out = cache_dir / f"given-{order_key}.npy"
-    if not out.exists():
-        blocks = vectors.row_group_blocks(path, rows_per_task)
-        parts = [str(cache_dir / f"given-{key}-{a:06d}.npy") for a, _, _ in blocks]
-        futures = [
-            workers.client.submit(vectors.read_block, str(path), id_column, column, (a, b),
-                                  first, None, part, key=f"vectors-{key}-{a}", pure=False)
-            for (a, b, first), part in zip(blocks, parts)
-            if not Path(part).exists()
-        ]  # fmt: skip
-        _gather(workers, futures, f"vectors ({path.name})")
-        order = cache_dir / f"given-{order_key}.ids.parquet"
-        write_table(order, pa.table({"id": ids}))
-        dims = {np.load(p, mmap_mode="r").shape[1] for p in parts}
-        if len(dims) > 1:
-            raise DataError(str(path), f"vectors of dimensions {sorted(dims)} in "
-                                    f"{column!r}", "give every row one dimension")
-        workers.client.submit(vectors.assemble, parts, str(order), str(out),
-                              key=f"vectors-{order_key}", pure=False).result()
+    if out.exists():
+        return np.load(out, mmap_mode="r")
+    blocks = vectors.row_group_blocks(path, rows_per_task)
+    rows_file = cache_dir / f"given-{key}.file-order.npy"
+    dim = vectors.dimension(path, column)
+    n = pq.ParquetFile(path).metadata.num_rows
+    if not rows_file.exists() or np.load(rows_file, mmap_mode="r").shape != (n, dim):
+        with atomic_path(rows_file, ".tmp.npy") as tmp:  # sparse until the tasks fill it
+            np.lib.format.open_memmap(tmp, "w+", np.float32, (n, dim)).flush()
+    futures = [
+        workers.client.submit(vectors.read_block, str(path), id_column, column, (a, b), first,
+                              dim, str(rows_file), key=f"vectors-{key}-{a}", pure=False)
+        for a, b, first in blocks
+        if not Path(vectors.block_ids(str(rows_file), first)).exists()
+    ]  # fmt: skip
+    _gather(workers, futures, f"vectors ({path.name})")
+    order = cache_dir / f"given-{order_key}.ids.parquet"
+    write_table(order, pa.table({"id": pa.array(ids, pa.string())}))
+    firsts = [first for _, _, first in blocks]
+    workers.client.submit(vectors.assemble, str(rows_file), firsts, str(order), str(out),
+                          key=f"vectors-{order_key}", pure=False).result()  # fmt: skip
+    for first in firsts:  # the blocks' done-marks and the order: scaffolding
+        Path(vectors.block_ids(str(rows_file), first)).unlink(missing_ok=True)
+    order.unlink()
     return np.load(out, mmap_mode="r")
 
 
@@ -611,13 +618,31 @@ def index_stage(
     return fp
 
 
-def guard_stage(work: Path, fp: str, cfg: Config, read: Read, emb: Embedded) -> Indexed:
-    """Approximate indexes: recall@k of the train queries against brute force (nprobe raised
-    or the run stopped below the floor)."""
+def guard_stage(workers: Workers, work: Path, fp: str, cfg: Config, read: Read,
+                emb: Embedded) -> Indexed:
+    """Approximate indexes: recall@k of a sample of the train queries against brute force
+    (nprobe raised or the run stopped below the floor), in a task: the brute force reads every
+    doc vector."""
+    from curate.index.recall import sample_rows
+
     train_q = read.pairs["query_id"].unique().to_list()
-    train_q_vecs = emb.query_vecs[np.isin(emb.query_ids, train_q)]
-    nprobe, recall = guard_index(work, train_q_vecs, cfg.mine.top_k, cfg.index, cfg.seed)
+    rows = np.flatnonzero(np.isin(emb.query_ids, train_q))
+    rows = rows[sample_rows(len(rows), cfg.index.recall_sample, cfg.seed)]  # the guard's sample
+    sample = work / "guard-queries.npy"
+    np.save(sample, np.asarray(emb.query_vecs[rows], np.float32))
+    nprobe, recall = workers.client.submit(
+        _guard_task, str(work), str(sample), cfg.mine.top_k, cfg.index, cfg.seed,
+        workers.torch_threads, key=f"guard-{fp}", pure=False,
+    ).result()  # fmt: skip
+    sample.unlink()
     return Indexed(work, fp, replace(cfg.index, nprobe=nprobe), recall)
+
+
+def _guard_task(work: str, queries: str, k: int, icfg: IndexConfig, seed: int, threads: int):
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    return guard_index(Path(work), np.load(queries), k, icfg, seed)
 
 
 def mine_stage(workers: Workers, cfg: Config, read: Read, emb: Embedded, indexed: Indexed) -> Mined:
@@ -627,6 +652,42 @@ def mine_stage(workers: Workers, cfg: Config, read: Read, emb: Embedded, indexed
     pairs, forbidden, funnel = mine_pairs(workers, blocks, emb.query_vecs, indexed.work,
                                           indexed.fingerprint, indexed.index, mcfg, cfg.seed)
     return Mined(pairs, forbidden, funnel, read.known, mcfg, cal, {})  # fmt: skip
+
+
+def topics_stage(workers: Workers, cfg: Config, emb: Embedded, mined: Mined,
+                 work: Path) -> dict[str, int]:
+    """Each training query's topic, k-means over their vectors in a task (half a million
+    queries at MS MARCO scale are 0.8 GB of vectors the driver should not hold)."""
+    from curate.batch.stage import train_queries
+
+    train_q = train_queries(mined)
+    q_row = emb.query_row
+    rows = np.array([q_row[q] for q in train_q], dtype=np.int64)
+    src = npy_file(emb.query_vecs)
+    if src is None:  # vectors handed in memory (the Python API): the driver writes them
+        src = str(work / "topic-source.npy")
+        np.save(src, np.asarray(emb.query_vecs, np.float32))
+    np.save(work / "topic-rows.npy", rows)
+    labels = workers.client.submit(
+        _topics_task, src, str(work / "topic-rows.npy"), cfg.batch, cfg.seed,
+        str(work / "topics.npy"), workers.torch_threads, key=f"topics-{content_hash(train_q)}",
+        pure=False,
+    ).result()  # fmt: skip
+    topic_of = dict(zip(train_q, np.load(labels).tolist()))
+    for name in ("topic-rows.npy", "topics.npy", "topic-source.npy"):
+        (work / name).unlink(missing_ok=True)
+    return topic_of
+
+
+def _topics_task(src: str, rows: str, bcfg, seed: int, out: str, threads: int) -> str:
+    import faiss
+
+    from curate.batch.curation import topic_labels
+
+    faiss.omp_set_num_threads(threads)
+    vecs = np.asarray(np.load(src, mmap_mode="r")[np.load(rows)], np.float32)
+    np.save(out, topic_labels(vecs, bcfg, seed))
+    return out
 
 
 def train_stage(cfg: Config, out: Path, model: Model) -> Path:

@@ -69,8 +69,12 @@ def build_rows(
 def query_topics(
     query_ids: list[str], vecs: np.ndarray, cfg: BatchConfig, seed: int
 ) -> dict[str, int]:
-    k = topics.n_topics_for(len(query_ids), cfg.n_topics, cfg.batch_size)
-    return dict(zip(query_ids, topics.cluster(vecs, k, seed).tolist()))
+    return dict(zip(query_ids, topic_labels(vecs, cfg, seed).tolist()))
+
+
+def topic_labels(vecs: np.ndarray, cfg: BatchConfig, seed: int) -> np.ndarray:
+    """[Q] topic (k-means cluster) of each training query's vector."""
+    return topics.cluster(vecs, topics.n_topics_for(len(vecs), cfg.n_topics, cfg.batch_size), seed)
 
 
 def shard_table(

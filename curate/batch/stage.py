@@ -65,15 +65,24 @@ def rejected_docs(forbidden: pa.Table) -> dict[str, set[str]]:
     return rejected
 
 
-def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined) -> Curated:
-    """Shards, forbidden pairs and manifest under ``out``; every count from what was written."""
+def train_queries(mined: Mined) -> list[str]:
+    """The queries of the mined pairs, in their order: the rows topics are computed for."""
+    return pl.from_arrow(mined.pairs.select(["query_id"]))["query_id"].unique(
+        maintain_order=True).to_list()  # fmt: skip
+
+
+def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined,
+           topic_of: dict[str, int] | None = None) -> Curated:
+    """Shards, forbidden pairs and manifest under ``out``; every count from what was written.
+    ``topic_of``: each training query's topic when computed elsewhere (a worker task), else
+    here from the query vectors."""
     canon, dedup_info = canonical_map(cfg, read, emb)
     mined_df = pl.from_arrow(mined.pairs)
-    train_q = mined_df["query_id"].unique(maintain_order=True).to_list()
-    q_row = emb.query_row
-    topic_of = query_topics(
-        train_q, emb.query_vecs[[q_row[q] for q in train_q]], cfg.batch, cfg.seed
-    )
+    if topic_of is None:
+        train_q, q_row = train_queries(mined), emb.query_row
+        topic_of = query_topics(
+            train_q, emb.query_vecs[[q_row[q] for q in train_q]], cfg.batch, cfg.seed
+        )
     # Under canonical ids, as the shards: the mask then catches a rejected doc's twin too.
     forbidden = canonical_forbidden(mined.forbidden, canon)
     rows_df, rows, stats = build_rows(

@@ -93,8 +93,6 @@ def check_model(cfg: EmbedConfig) -> Path:
 def _custom_code_config(path: Path) -> str | None:
     """The config file whose ``auto_map`` names code in the folder for a class transformers does
     not have itself (a known model_type or tokenizer_class loads natively, ignoring auto_map)."""
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     def read(name: str) -> dict:
         try:
@@ -104,6 +102,11 @@ def _custom_code_config(path: Path) -> str | None:
         return obj if isinstance(obj, dict) else {}
 
     config, tok = read("config.json"), read("tokenizer_config.json")
+    if not config.get("auto_map") and not tok.get("auto_map"):
+        return None  # the usual case, decided without importing transformers (and torch: 200 MB)
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
     if config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING_NAMES:
         return "config.json"
     tok_class = str(tok.get("tokenizer_class") or "")

@@ -100,11 +100,15 @@ def _effective(index: faiss.Index, nprobe: int) -> int:
     return max(nprobe, int(hnsw.efSearch)) if hnsw is not None else nprobe
 
 
+def sample_rows(count: int, n: int, seed: int) -> np.ndarray:
+    """The seeded sample of ``n`` of ``count`` rows the guard checks (all when fewer), sorted."""
+    if count <= n:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, n, replace=False))
+
+
 def sample_queries(queries: np.ndarray, n: int, seed: int) -> np.ndarray:
-    if len(queries) <= n:
-        return np.asarray(queries, dtype=np.float32)
-    rows = np.sort(np.random.default_rng(seed).choice(len(queries), n, replace=False))
-    return np.asarray(queries[rows], dtype=np.float32)
+    return np.asarray(queries[sample_rows(len(queries), n, seed)], dtype=np.float32)
 
 
 def guard(

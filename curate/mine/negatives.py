@@ -70,6 +70,31 @@ class PairBlock:
     query_rows: np.ndarray | None = None  # [Q] rows of the queries in the run's query vectors
 
 
+def save_block(path: Path, block: PairBlock) -> None:
+    """A block as a ``.npz`` without its vectors (no pickle: the mine task that reads it runs
+    no code from a file); the ragged known-positive lists as values and offsets."""
+    known_len = np.array([len(k) for k in block.known], dtype=np.int64)
+    with atomic_path(path, ".tmp.npz") as tmp:
+        np.savez(
+            tmp, query_ids=np.array(block.query_ids, dtype=str), pair_query=block.pair_query,
+            pair_pos=block.pair_pos, known_len=known_len,
+            known=np.concatenate([np.empty(0, np.int64), *block.known]).astype(np.int64),
+            pos_ids=np.array(block.pos_ids, dtype=str), query_rows=block.query_rows,
+            doc_texts=np.array(block.doc_texts or "", dtype=str),
+        )  # fmt: skip
+
+
+def load_block(path: str, query_vecs: np.ndarray) -> PairBlock:
+    """The block ``save_block`` wrote, with its queries' vectors."""
+    z = np.load(path, allow_pickle=False)
+    known = np.split(z["known"], np.cumsum(z["known_len"])[:-1]) if len(z["known_len"]) else []
+    return PairBlock(
+        query_ids=z["query_ids"].tolist(), query_vecs=query_vecs, pair_query=z["pair_query"],
+        pair_pos=z["pair_pos"], known=known, pos_ids=z["pos_ids"].tolist(),
+        doc_texts=str(z["doc_texts"]) or None, query_rows=z["query_rows"],
+    )  # fmt: skip
+
+
 @dataclass
 class MineResult:
     pair: np.ndarray  # [P] pair number within the block
