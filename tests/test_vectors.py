@@ -87,6 +87,9 @@ def test_given_vectors_are_indexed_and_mined_without_embedding(tmp_path):
         for n, s in zip(row["neg_ids"], row["neg_scores"]):
             assert abs(s - qv @ d[int(n[1:])]) < 1e-4
     assert sum(len(r["neg_ids"]) for r in table) > 0
+    # where the driver's memory went: its peak after each stage, in MB
+    assert result["driver_peak_mb"].keys() == result["timings"].keys()
+    assert all(mb > 0 for mb in result["driver_peak_mb"].values())
     # a rerun reads nothing again: the joined vectors are cached by file
     cached = sorted(p.name for p in (out / "cache" / "given").iterdir())
     curate.run(_config(data, out, empty_text="error"), quiet=True)
@@ -173,3 +176,38 @@ def test_schema_problems_fail_before_any_work(tmp_path):
     with pytest.raises(DataError, match="is not Parquet"):
         curate.run(_config(data, tmp_path / "c", corpus=str(jsonl)), quiet=True)
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_rerun_after_a_crash_reads_only_the_blocks_not_done(tmp_path):
+    """Each block's task marks itself done after filling its rows of the file-order array; a
+    rerun submits only the others, and the result is the same."""
+    from curate.config import ClusterConfig
+    from curate.read import vectors
+    from curate.text import content_hash
+    from pipelines.cluster import connect
+    from pipelines.stages import given_vectors
+
+    data = tmp_path / "data"
+    data.mkdir()
+    docs, _ = _write(data, n_docs=100, row_group=20)  # 5 row groups, a task each
+    path, ids, cache = data / "corpus.parquet", [f"d{i}" for i in range(100)], tmp_path / "c"
+    with connect(ClusterConfig(workers="in_process"), quiet=True) as workers:
+        first = np.array(given_vectors(workers, path, "_id", "emb", ids, cache, 20))
+        (joined,) = cache.glob("given-*.npy")  # no row skipped: the file-order array, renamed
+        # As a run that died after 3 of the 5 blocks leaves it: the file-order array (here
+        # with all rows; the rerun overwrites the 2 unmarked blocks) and 3 done-marks.
+        st = path.stat()
+        key = content_hash([str(path.resolve()), str(st.st_size), str(st.st_mtime_ns), "emb"])
+        rows_file = cache / f"given-{key}.file-order.npy"
+        joined.rename(rows_file)
+        for row in (0, 20, 40):
+            pq.write_table(pa.table({"id": ids[row : row + 20]}),
+                           vectors.block_ids(str(rows_file), row))  # fmt: skip
+        submit, keys = workers.client.submit, []
+        workers.client.submit = lambda fn, *a, **kw: keys.append(kw["key"]) or submit(fn, *a, **kw)
+        again = np.array(given_vectors(workers, path, "_id", "emb", ids, cache, 20))
+    assert sorted(k for k in keys if k.startswith(f"vectors-{key}-")) == [
+        f"vectors-{key}-3", f"vectors-{key}-4"]  # fmt: skip
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_allclose(first, _unit(docs), atol=1e-6)
+    assert sorted(p.name for p in cache.iterdir()) == [joined.name]  # no scaffolding left
