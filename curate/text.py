@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 _WORD = re.compile(r"\w+")
 
@@ -45,3 +45,26 @@ def ngram_overlap(a: str, b: str, n: int = 3) -> float:
     """Jaccard overlap of word n-grams of the normalised texts."""
     ga, gb = ngrams(a, n), ngrams(b, n)
     return len(ga & gb) / len(ga | gb) if ga and gb else 0.0
+
+
+class LazyMap(Mapping):
+    """A mapping built on first use from ``make``: a run that never looks a text up (no
+    false-negative check, no teacher) never builds a dict of every document (10M at MS MARCO
+    scale)."""
+
+    def __init__(self, make: Callable[[], dict]):
+        self._make, self._dict = make, None
+
+    def _d(self) -> dict:
+        if self._dict is None:
+            self._dict = self._make()
+        return self._dict
+
+    def __getitem__(self, key):
+        return self._d()[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._d())
+
+    def __len__(self) -> int:
+        return len(self._d())

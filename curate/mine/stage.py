@@ -17,7 +17,7 @@ from curate.files import write_json
 from curate.mine import ceiling, fncheck
 from curate.mine.negatives import PairBlock
 from curate.records import Embedded, Indexed, Mined, Read
-from curate.text import content_hash
+from curate.text import LazyMap, content_hash
 
 
 def pair_blocks(pairs: pl.DataFrame, known: dict[str, list[str]], q_row: dict, d_row: dict,
@@ -96,8 +96,8 @@ def check(cfg: Config, read: Read, emb: Embedded, indexed: Indexed, mined: Mined
         mined.forbidden,
         mined.funnel,
         mined.known,
-        read.query_text,
-        dict(zip(emb.doc_ids, read.texts)),
+        LazyMap(lambda: read.query_text),
+        LazyMap(lambda: dict(zip(emb.doc_ids, read.texts))),
     )
     checks["index_recall"] = indexed.recall
     checks["effective"] = effective_settings(
