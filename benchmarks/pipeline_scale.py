@@ -167,6 +167,7 @@ def _report_fields(out: Path) -> dict:
     if not path.is_file():
         return {
             "timings": None,
+            "driver_peak_mb_after": None,
             "stage_sum_s": None,
             "funnel": None,
             "counts": None,
@@ -178,6 +179,7 @@ def _report_fields(out: Path) -> dict:
     manifest = rep.get("manifest") or {}
     return {
         "timings": timings,
+        "driver_peak_mb_after": rep.get("driver_peak_mb"),  # the driver's peak after each stage
         "stage_sum_s": round(sum(timings.values()), 2),
         "funnel": manifest.get("funnel"),
         "counts": manifest.get("counts"),
