@@ -512,8 +512,8 @@ def mine_pairs(
 # --- given vectors (data.columns.vector): read from the inputs by the workers -------------
 
 
-def given_vectors(workers: Workers, path: Path, id_column: str, column: str, ids: list[str],
-                  cache_dir: Path, rows_per_task: int) -> np.ndarray:
+def given_vectors(workers: Workers, path: str, id_column: str, column: str, ids: list[str],
+                  cache_dir: Path, rows_per_task: int, options: dict | None = None) -> np.ndarray:
     """The vectors of ``path``'s ``column`` for ``ids`` (in that order): one task per group of
     row groups fills its rows of one file-order ``.npy`` in place, a last task puts them in
     ``ids``' order (a rename when that is the file's order); -> that file memory-mapped, so the
@@ -522,26 +522,25 @@ def given_vectors(workers: Workers, path: Path, id_column: str, column: str, ids
     from curate.read import vectors
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    stat = path.stat()
-    key = content_hash([str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), column])
+    key = content_hash([*vectors.identity(path, options), column])
     order_key = content_hash([key, *ids])
     out = cache_dir / f"given-{order_key}.npy"
     if out.exists():
         return np.load(out, mmap_mode="r")
-    blocks = vectors.row_group_blocks(path, rows_per_task)
+    pf = vectors.parquet(path, options)
+    blocks = vectors.row_group_blocks(pf, rows_per_task)
     rows_file = cache_dir / f"given-{key}.file-order.npy"
-    dim = vectors.dimension(path, column)
-    n = pq.ParquetFile(path).metadata.num_rows
+    dim, n = vectors.dimension(pf, column), pf.metadata.num_rows
     if not rows_file.exists() or np.load(rows_file, mmap_mode="r").shape != (n, dim):
         with atomic_path(rows_file, ".tmp.npy") as tmp:  # sparse until the tasks fill it
             np.lib.format.open_memmap(tmp, "w+", np.float32, (n, dim)).flush()
     futures = [
-        workers.client.submit(vectors.read_block, str(path), id_column, column, (a, b), first,
-                              dim, str(rows_file), key=f"vectors-{key}-{a}", pure=False)
+        workers.client.submit(vectors.read_block, path, id_column, column, (a, b), first, dim,
+                              str(rows_file), options, key=f"vectors-{key}-{a}", pure=False)
         for a, b, first in blocks
         if not Path(vectors.block_ids(str(rows_file), first)).exists()
     ]  # fmt: skip
-    _gather(workers, futures, f"vectors ({path.name})")
+    _gather(workers, futures, f"vectors ({path.rsplit('/', 1)[-1]})")
     order = cache_dir / f"given-{order_key}.ids.parquet"
     write_table(order, pa.table({"id": pa.array(ids, pa.string())}))
     firsts = [first for _, _, first in blocks]
@@ -561,10 +560,11 @@ def vectors_stage(workers: Workers, read: Read, cfg: Config, cache: Path) -> Emb
     cols, data = cfg.data.columns, parquet_inputs(cfg.data)
     doc_ids, q_ids = read.corpus["doc_id"].to_list(), read.dataset.queries["query_id"].to_list()
     rows = max(cfg.embed.partition_size, 100_000)  # reading is cheap: fewer, larger tasks
-    docs = given_vectors(workers, Path(data.corpus), cols.doc_id, cols.vector, doc_ids,
-                         cache / "given", rows)  # fmt: skip
-    queries = given_vectors(workers, Path(data.queries), cols.query_id, cols.vector, q_ids,
-                            cache / "given", rows)  # fmt: skip
+    opts = dict(cfg.storage.options)
+    docs = given_vectors(workers, data.corpus, cols.doc_id, cols.vector, doc_ids, cache / "given",
+                         rows, opts)  # fmt: skip
+    queries = given_vectors(workers, data.queries, cols.query_id, cols.vector, q_ids,
+                            cache / "given", rows, opts)  # fmt: skip
     if docs.shape[1] != queries.shape[1]:
         raise DataError(data.queries, f"query vectors have {queries.shape[1]} dimensions, the "
                         f"corpus's {docs.shape[1]}", "embed both with the same model")

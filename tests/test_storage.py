@@ -261,3 +261,26 @@ def test_a_prefix_curate_cannot_write_fails_when_claimed(server, s3, tmp_path):
     with pytest.raises(OutputDirError, match=r"cannot write s3://no-such-bucket/run/\.curate-run"):
         storage.claim(cfg, tmp_path)
     assert not (tmp_path / "staging").exists()
+
+
+def test_given_vectors_read_from_s3_as_locally(s3, server, tmp_path):
+    """Bring-your-own embeddings behind a URL: the workers read the vector column by range
+    requests, and index the same unit vectors as from the local copy."""
+    import numpy as np
+
+    from tests.test_vectors import _config, _write
+
+    local = tmp_path / "data"
+    local.mkdir()
+    _write(local)
+    s3.put(str(local), f"{BUCKET}/vectors", recursive=True)
+    runs = {}
+    for name, data in (("local", str(local)), ("s3", f"s3://{BUCKET}/vectors")):
+        cfg = _config(data, tmp_path / name).to_dict()
+        cfg["storage"] = {"options": {"s3": {"endpoint_url": server[0]}}}
+        run(config_from_dict(cfg), quiet=True)
+        runs[name] = np.load(tmp_path / name / "work" / "doc_vecs.npy")
+    np.testing.assert_array_equal(runs["s3"], runs["local"])
+    shards = {n: sorted(p.read_bytes() for p in (tmp_path / n / "shards").glob("*.parquet"))
+              for n in runs}  # fmt: skip
+    assert shards["s3"] == shards["local"]

@@ -192,7 +192,7 @@ def test_a_rerun_after_a_crash_reads_only_the_blocks_not_done(tmp_path):
     docs, _ = _write(data, n_docs=100, row_group=20)  # 5 row groups, a task each
     path, ids, cache = data / "corpus.parquet", [f"d{i}" for i in range(100)], tmp_path / "c"
     with connect(ClusterConfig(workers="in_process"), quiet=True) as workers:
-        first = np.array(given_vectors(workers, path, "_id", "emb", ids, cache, 20))
+        first = np.array(given_vectors(workers, str(path), "_id", "emb", ids, cache, 20))
         (joined,) = cache.glob("given-*.npy")  # no row skipped: the file-order array, renamed
         # As a run that died after 3 of the 5 blocks leaves it: the file-order array (here
         # with all rows; the rerun overwrites the 2 unmarked blocks) and 3 done-marks.
@@ -205,7 +205,7 @@ def test_a_rerun_after_a_crash_reads_only_the_blocks_not_done(tmp_path):
                            vectors.block_ids(str(rows_file), row))  # fmt: skip
         submit, keys = workers.client.submit, []
         workers.client.submit = lambda fn, *a, **kw: keys.append(kw["key"]) or submit(fn, *a, **kw)
-        again = np.array(given_vectors(workers, path, "_id", "emb", ids, cache, 20))
+        again = np.array(given_vectors(workers, str(path), "_id", "emb", ids, cache, 20))
     assert sorted(k for k in keys if k.startswith(f"vectors-{key}-")) == [
         f"vectors-{key}-3", f"vectors-{key}-4"]  # fmt: skip
     np.testing.assert_array_equal(again, first)

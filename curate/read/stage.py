@@ -57,7 +57,7 @@ def read(cfg: Config) -> Read:
     data = resolve_data(cfg)
     if data.columns.vector:  # the schema only: worker tasks read the vectors (embed stage)
         for path in (data.corpus, data.queries):
-            vectors.check_schema(path, data.columns.vector)
+            vectors.check_schema(path, data.columns.vector, cfg.storage.options)
     ds = read_dataset(data, options=cfg.storage.options)
     pairs = train_pairs(ds, cfg)
     config_rules.check_data(cfg, pairs.height)

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate import storage
 from curate.config import DataConfig
 from curate.errors import DataError
 
@@ -26,25 +27,46 @@ def parquet_inputs(data: DataConfig) -> DataConfig:
     ``queries.parquet`` (JSON lines hold no vector column)."""
     if not data.columns.vector:
         return data
-    root = Path(data.path)
+    root = storage.location(data.path)
     return dataclasses.replace(data, corpus=data.corpus or str(root / "corpus.parquet"),
                                queries=data.queries or str(root / "queries.parquet"))
+
+
+def parquet(path: str, options: storage.Options | None = None) -> pq.ParquetFile:
+    """A Parquet file, local or behind an fsspec URL (read by range requests)."""
+    if storage.is_url(path):
+        fs, inner = storage.filesystem(path, options)
+        return pq.ParquetFile(inner, filesystem=fs)
+    return pq.ParquetFile(storage.local_path(path))
+
+
+def identity(path: str, options: storage.Options | None = None) -> list[str]:
+    """What tells this version of the file from another without reading it: name, size and
+    change time (or the store's ETag)."""
+    if storage.is_url(path):
+        fs, inner = storage.filesystem(path, options)
+        info = fs.info(inner)
+        return [path, str(info.get("size")), str(info.get("ETag") or info.get("LastModified")
+                                                  or info.get("mtime"))]  # fmt: skip
+    p = Path(storage.local_path(path))
+    st = p.stat()
+    return [str(p.resolve()), str(st.st_size), str(st.st_mtime_ns)]
 
 
 _FLOATS = (pa.float16(), pa.float32(), pa.float64())
 _FIX_TYPE = "store each row's embedding as a list of floats (list<float32> or fixed_size_list)"
 
 
-def check_schema(path: Path, column: str) -> None:
+def check_schema(path: str, column: str, options: storage.Options | None = None) -> None:
     """Fail before any work when ``path`` cannot hold vectors in ``column``."""
-    path = Path(path)
-    if path.suffix != ".parquet":
-        problem = f"data.columns.vector is set ({column!r}) but {path.name} is not Parquet"
+    where = storage.location(str(path), options)
+    if where.suffix != ".parquet":
+        problem = f"data.columns.vector is set ({column!r}) but {where.name} is not Parquet"
         raise DataError(str(path), problem, "write the file as Parquet with a vector column")
-    if not path.is_file():
+    if not where.is_file():
         fix = "check data.path, data.corpus and data.queries"
         raise DataError(str(path), "file not found", fix)
-    schema = pq.read_schema(path)
+    schema = parquet(str(path), options).schema_arrow
     if column not in schema.names:
         problem = f"no vector column {column!r} (found {schema.names})"
         raise DataError(str(path), problem, "set data.columns.vector to the column's name")
@@ -54,10 +76,10 @@ def check_schema(path: Path, column: str) -> None:
         raise DataError(str(path), f"vector column {column!r} is {kind}", _FIX_TYPE)
 
 
-def row_group_blocks(path: Path, rows_per_task: int) -> list[tuple[int, int, int]]:
+def row_group_blocks(pf: pq.ParquetFile, rows_per_task: int) -> list[tuple[int, int, int]]:
     """-> [(first row group, last row group + 1, first row)] of about ``rows_per_task`` rows each:
     what one task reads (metadata only: the footer)."""
-    meta = pq.ParquetFile(path).metadata
+    meta = pf.metadata
     blocks, start, first_row, rows = [], 0, 0, 0
     for g in range(meta.num_row_groups):
         rows += meta.row_group(g).num_rows
@@ -67,25 +89,25 @@ def row_group_blocks(path: Path, rows_per_task: int) -> list[tuple[int, int, int
     return blocks
 
 
-def dimension(path: Path, column: str) -> int:
+def dimension(pf: pq.ParquetFile, column: str) -> int:
     """The vector length of the first row (the list type's size when fixed): the shape of the
     file the tasks fill, read from the footer and one row."""
-    kind = pq.read_schema(path).field(column).type
+    kind = pf.schema_arrow.field(column).type
     if pa.types.is_fixed_size_list(kind):
         return kind.list_size
-    first = next(pq.ParquetFile(path).iter_batches(batch_size=1, columns=[column]), None)
+    first = next(pf.iter_batches(batch_size=1, columns=[column]), None)
     if first is None or not first.num_rows or first.column(0).is_null().to_pylist()[0]:
         return 0  # empty file or a null first vector: read_block names the problem
     return len(first.column(0)[0])
 
 
 def read_block(path: str, id_column: str, column: str, groups: tuple[int, int], first_row: int,
-               dim: int, out_path: str) -> int:
+               dim: int, out_path: str, options: storage.Options | None = None) -> int:
     """One task: row groups [a, b) of ``path`` -> rows [first_row, ...) of ``out_path`` (a
     ``.npy`` of the whole file's rows, unit float32, that every block's task fills in place)
     and ``<out_path>.<first_row>.ids.parquet``, the rows' ids, written last: it marks the block
     done. -> rows."""
-    table = pq.ParquetFile(path).read_row_groups(range(*groups), columns=[id_column, column])
+    table = parquet(path, options).read_row_groups(range(*groups), columns=[id_column, column])
     vecs = _matrix(table.column(column).combine_chunks(), path, column, first_row, dim)
     norms = np.linalg.norm(vecs, axis=1)
     if (bad := np.flatnonzero(norms == 0)).size:
