@@ -211,3 +211,39 @@ def test_a_rerun_after_a_crash_reads_only_the_blocks_not_done(tmp_path):
     np.testing.assert_array_equal(again, first)
     np.testing.assert_allclose(first, _unit(docs), atol=1e-6)
     assert sorted(p.name for p in cache.iterdir()) == [joined.name]  # no scaffolding left
+
+
+def test_semantic_duplicates_merge_under_the_canonical_id(tmp_path):
+    """dedup.semantic_threshold: a doc whose vector is another's (its text differs) is merged
+    into the smaller id, and the shards name only that one; an exact text twin merges too."""
+    import curate
+    from curate.config import config_from_dict
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _write(data)
+    t = pq.read_table(data / "corpus.parquet")
+    vecs, texts = t.column("emb").to_pylist(), t.column("text").to_pylist()
+    vecs[11] = [2 * v for v in vecs[10]]  # d11: d10's direction, its own text
+    texts[13] = texts[12]  # d13: d12's text, its own vector
+    t = t.set_column(t.column_names.index("emb"), "emb", pa.array(vecs, pa.list_(pa.float32())))
+    t = t.set_column(t.column_names.index("text"), "text", pa.array(texts))
+    pq.write_table(t, data / "corpus.parquet", row_group_size=25)
+    lines = (data / "qrels" / "train.tsv").read_text().splitlines()
+    lines[1:3] = ["q0\td11\t1", "q1\td13\t1"]  # the duplicates as positives
+    (data / "qrels" / "train.tsv").write_text("\n".join(lines) + "\n")
+    tree = _config(data, tmp_path / "run").to_dict()
+    tree["dedup"] = {"semantic_threshold": 0.999, "clusters": 1}
+    result = curate.run(config_from_dict(tree), quiet=True)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["dedup"]["exact_duplicates"] == 1
+    assert manifest["dedup"]["semantic_duplicates"] >= 1
+    assert any(e["doc_id"] == "d11" and e["canonical_id"] == "d10"
+               for e in manifest["dedup"]["semantic_examples"])  # fmt: skip
+    assert result["manifest"]["counts"]["duplicate_docs"] >= 2
+    ids = {i for row in pq.read_table(tmp_path / "run" / "shards").to_pylist()
+           for i in [row["pos_id"], *row["neg_ids"], *row["known_pos_ids"]]}  # fmt: skip
+    assert not ids & {"d11", "d13"}
+    rows = pq.read_table(tmp_path / "run" / "shards").to_pylist()
+    pos = {r["query_id"]: r["pos_id"] for r in rows}
+    assert (pos["q0"], pos["q1"]) == ("d10", "d12")  # named by their canonical ids

@@ -33,18 +33,20 @@ FORBIDDEN_FILE = "forbidden.parquet"  # beside shards/, not in it: the folder lo
 def canonical_map(cfg: Config, read: Read, emb: Embedded) -> tuple[dict[str, str], dict]:
     """doc_id -> canonical id: exact duplicates first, then (optionally) semantic ones among the
     canonical docs; -> (map, counts and examples for the manifest)."""
-    canon_df = dedup.canonical_ids(read.corpus)
-    canon = dict(zip(canon_df["doc_id"].to_list(), canon_df["canonical_id"].to_list()))
-    info = {"exact_duplicates": sum(d != c for d, c in canon.items())}
+    # Only the duplicates: every reader looks ids up with canon.get(d, d), and a map of every
+    # doc to itself would be the largest object of the stage (10M entries at MS MARCO scale).
+    dups = dedup.canonical_ids(read.corpus).filter(pl.col("doc_id") != pl.col("canonical_id"))
+    canon = dict(zip(dups["doc_id"].to_list(), dups["canonical_id"].to_list()))
+    info = {"exact_duplicates": len(canon)}
     if cfg.dedup.semantic_threshold is not None:
         doc_ids = emb.doc_ids
-        keep = [i for i, d in enumerate(doc_ids) if canon[d] == d]
+        keep = [i for i, d in enumerate(doc_ids) if d not in canon]
         merged = dedup.semantic_duplicates(
             [doc_ids[i] for i in keep], emb.doc_vecs[keep], cfg.dedup.semantic_threshold,
             cfg.dedup.clusters, cfg.seed,
         )
-        sem = {d: c for d, c, _ in merged}
-        canon = {d: sem.get(c, c) for d, c in canon.items()}
+        sem = {d: c for d, c, _ in merged}  # canonical docs merged into another
+        canon = {**{d: sem.get(c, c) for d, c in canon.items()}, **sem}
         text = dict(zip(doc_ids, read.texts))
         info["semantic_duplicates"] = len(merged)
         info["semantic_examples"] = [
