@@ -77,13 +77,36 @@ def topic_labels(vecs: np.ndarray, cfg: BatchConfig, seed: int) -> np.ndarray:
     return topics.cluster(vecs, topics.n_topics_for(len(vecs), cfg.n_topics, cfg.batch_size), seed)
 
 
+class TextColumn:
+    """id -> text over an id column and a text column, looked up by a join per column of ids:
+    no dict of every document (10M at MS MARCO scale) is built for the shards' texts."""
+
+    def __init__(self, ids: pl.Series | list[str], texts: pl.Series | list[str]):
+        self.table = pl.DataFrame({"id": pl.Series(ids, dtype=pl.String),
+                                   "text": pl.Series(texts, dtype=pl.String)})  # fmt: skip
+
+    def take(self, ids: pl.Series | list[str] | pa.Array) -> pa.Array:
+        """The texts of ``ids``, in order; an unknown id is an error (a bug, not bad input)."""
+        want = pl.DataFrame({"id": pl.Series(ids, dtype=pl.String)})
+        got = want.join(self.table, on="id", how="left", maintain_order="left")["text"]
+        if got.null_count():
+            missing = want.filter(got.is_null())["id"].head(3).to_list()
+            raise KeyError(f"ids without a text: {missing}")
+        return got.to_arrow().cast(pa.string())
+
+    def take_lists(self, lists: list[list[str]]) -> pa.Array:
+        """The texts of each list of ids, as a list column."""
+        ids = pa.array(lists, pa.list_(pa.string()))
+        return pa.ListArray.from_arrays(ids.offsets, self.take(ids.flatten()))
+
+
 def shard_table(
     rows_df: pl.DataFrame,
     rows: list[Row],
     cfg: BatchConfig,
     seed: int,
-    doc_text: dict[str, str],
-    query_text: dict[str, str],
+    doc_text: TextColumn,
+    query_text: TextColumn,
     num_negatives: int | None = None,
 ) -> tuple[pa.Table, Counter, Counter]:
     """Compose batches and lay the rows out in batch order with their texts (SHARD schema);
@@ -117,14 +140,12 @@ def shard_table(
         {
             "batch_id": pa.array(batch_id, pa.int64()),
             "query_id": df["query_id"].to_list(),
-            "query": [query_text[q] for q in df["query_id"]],
+            "query": query_text.take(df["query_id"]),
             "pos_id": df["pos_id"].to_list(),
-            "pos": [doc_text[d] for d in df["pos_id"]],
+            "pos": doc_text.take(df["pos_id"]),
             "pos_score": pa.array(df["pos_score"].to_list(), pa.float32()),
             "neg_ids": pa.array(cols["neg_ids"], pa.list_(pa.string())),
-            "negs": pa.array(
-                [[doc_text[d] for d in n] for n in cols["neg_ids"]], pa.list_(pa.string())
-            ),
+            "negs": doc_text.take_lists(cols["neg_ids"]),
             "neg_scores": pa.array(cols["neg_scores"], pa.list_(pa.float32())),
             "neg_ranks": pa.array(cols["neg_ranks"], pa.list_(pa.int32())),
             "topic": pa.array(df["topic"].to_list(), pa.int32()),

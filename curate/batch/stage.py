@@ -12,6 +12,7 @@ import pyarrow as pa
 from curate import health
 from curate.batch import dedup, shards
 from curate.batch.curation import (
+    TextColumn,
     build_rows,
     canonical_forbidden,
     funnel_balance,
@@ -91,7 +92,9 @@ def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined,
         mined_df, mined.known, canon, topic_of, rejected_docs(forbidden)
     )
     table, batch_stats, fate = shard_table(
-        rows_df, rows, cfg.batch, cfg.seed, read.doc_text, read.query_text, cfg.mine.num_negatives
+        rows_df, rows, cfg.batch, cfg.seed, TextColumn(read.corpus["doc_id"], read.texts),
+        TextColumn(read.dataset.queries["query_id"], read.dataset.queries["text"]),
+        cfg.mine.num_negatives,
     )
     shard_dir = out / "shards"
     files = shards.write_shards(table, shard_dir, cfg.batch.batches_per_shard)
