@@ -9,7 +9,7 @@ shared machine hits them alike.
   st-bf16          the same with the model's weights cast to bf16 (not ST's default; for reference)
   curate           curate.embed.Encoder, embed.dtype=auto (bf16 weights on a CPU with native bf16)
   curate-fp32      the same with embed.dtype=float32 (isolates token-budget batching)
-  curate-dask      the pipeline path: pipelines.stages.embed_texts on a LocalCluster shaped from
+  curate-dask      the pipeline path: pipelines.embedding.embed_texts on a LocalCluster shaped from
                    the cores, one task per partition (tokenise + embed + write Parquet), fresh
                    cache each pass; workers warmed first (model loaded) -- the cold first pass,
                    with model loading in the workers, is reported separately.
@@ -81,7 +81,7 @@ class DaskSide:
         self.calls = 0
 
     def __call__(self, texts: list[str]):
-        from pipelines.stages import embed_texts
+        from pipelines.embedding import embed_texts
 
         self.calls += 1
         cache = self.tmp / f"pass-{self.calls}"

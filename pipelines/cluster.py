@@ -140,3 +140,16 @@ def connect(cfg: ClusterConfig, quiet: bool = False, texts: int | None = None) -
             from curate.embed.encoder import drop_encoders
 
             drop_encoders()
+
+
+def gather(workers: Workers, futures: list, desc: str) -> list:
+    """The futures' results, with a progress bar; ``desc``'s first word names the test-only
+    crash point reached as each finishes ("embed", "index", "mine": curate/faults.py)."""
+    from distributed import as_completed
+
+    from curate import faults
+    from curate.progress import track
+
+    for _ in track(as_completed(futures), total=len(futures), desc=desc):
+        faults.reached(desc.split()[0])
+    return workers.client.gather(futures)

@@ -149,7 +149,7 @@ class CountingClient:
 
 def test_embed_texts_resumes_by_content_hash(tmp_path, tiny_model):
     from pipelines.cluster import Workers, connect
-    from pipelines.stages import embed_texts
+    from pipelines.embedding import embed_texts
 
     # A small budget: many batches of a few rows, so partitions of 4 texts are several.
     cfg = EmbedConfig(

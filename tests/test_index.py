@@ -165,7 +165,7 @@ def test_torch_exact_equals_faiss_flat(k, monkeypatch):
 
 def test_torch_exact_caps_k_at_corpus_and_searches_a_flat_index_file(tmp_path):
     from curate.index import build as idx
-    from pipelines.stages import _search_task
+    from pipelines.searching import _search_task
 
     docs, queries = unit(50, 8, 6), unit(4, 8, 7)
     cfg = IndexConfig(factory=idx.TORCH_EXACT, use_gpu="never")

@@ -185,7 +185,7 @@ def test_a_rerun_after_a_crash_reads_only_the_blocks_not_done(tmp_path):
     from curate.read import vectors
     from curate.text import content_hash
     from pipelines.cluster import connect
-    from pipelines.stages import given_vectors
+    from pipelines.embedding import given_vectors
 
     data = tmp_path / "data"
     data.mkdir()

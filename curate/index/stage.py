@@ -1,5 +1,5 @@
 """Stage 3's files: the index fingerprint and the arrays mine tasks memory-map. The index
-shards themselves are built on the cluster (pipelines.stages.index_stage)."""
+shards themselves are built on the cluster (pipelines.stages.index_stage, pipelines.searching)."""
 
 from __future__ import annotations
 

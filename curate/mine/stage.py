@@ -1,6 +1,6 @@
 """Stage 4's logic around the distributed search: the training pairs as integer blocks, the
 ceiling calibration before mining, and the checks after it (false negatives, teacher scores,
-the manifest's quality sections). The search itself runs on the cluster (pipelines.stages)."""
+the manifest's quality sections). The search itself runs on the cluster (pipelines.searching)."""
 
 from __future__ import annotations
 
