@@ -2,6 +2,10 @@
 (minus what holds a time, a path or a machine fact) and the trained weights of two small runs are
 compared with hashes recorded before the layout changed (tests/data/layout-identity.json).
 
+Float kernels differ by CPU (AVX2 vs AVX512 BLAS paths; ``embed.dtype: auto`` picks bf16 only where
+the CPU has it), so the hashes are recorded per CPU class (``cpu_class()``); on a class with no record
+the tests skip and say how to record one, from a commit whose output is meant to be unchanged.
+
 Each run's config is recorded whole (every key, defaults included), so a later change of a default
 changes neither run. Record again only for a change that is meant to change the output:
 ``.venv/bin/python tests/test_layout_identity.py --record``.
@@ -112,11 +116,36 @@ def _cranfield_inputs(tmp: Path, cranfield: Path, tiny_model: Path) -> tuple[str
     return str(write_slice(tmp / "slice", cranfield)), str(tiny_model)
 
 
+def cpu_class() -> str:
+    """The CPU facts that change float results: architecture, vendor, widest vector ISA."""
+    import platform
+
+    flags, vendor = set(), "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id") and vendor == "unknown":
+                vendor = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    isa = next((name for name, need in (("avx512_bf16", {"avx512_bf16", "amx_bf16"}),
+                                        ("avx512f", {"avx512f"}), ("avx2", {"avx2"}))
+                if need & flags), "base")  # fmt: skip
+    return f"{platform.machine()}-{vendor}-{isa}"
+
+
 @pytest.fixture(scope="module")
 def recorded() -> dict:
     if not RECORD.is_file():
         pytest.fail(f"{RECORD}: no recorded hashes; record them on the commit before a move")
-    return json.loads(RECORD.read_text())
+    machines = json.loads(RECORD.read_text())["machines"]
+    if (key := cpu_class()) not in machines:
+        pytest.skip(f"no layout-identity record for CPU class {key} (recorded: "
+                    f"{', '.join(sorted(machines))}); record one on a commit whose output is "
+                    "meant to be unchanged: .venv/bin/python tests/test_layout_identity.py --record")
+    return machines[key]
 
 
 def test_demo_output_is_byte_identical(tmp_path, recorded):
@@ -148,9 +177,11 @@ def _record() -> None:
             "demo": {"config": demo, "hashes": run_case(demo, tmp / "demo")},
             "cranfield": {"config": cran, "hashes": run_case(cran, tmp / "cran", data, model)},
         }
+    machines = json.loads(RECORD.read_text())["machines"] if RECORD.is_file() else {}
+    machines[cpu_class()] = record  # the other classes' records are kept
     RECORD.parent.mkdir(exist_ok=True)
-    RECORD.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    print(f"recorded {RECORD}")
+    RECORD.write_text(json.dumps({"machines": machines}, indent=1, sort_keys=True) + "\n")
+    print(f"recorded {RECORD} for {cpu_class()}")
 
 
 if __name__ == "__main__" and "--record" in sys.argv:
