@@ -103,7 +103,8 @@ def check(cfg: Config, read: Read, emb: Embedded, indexed: Indexed, mined: Mined
     checks["effective"] = effective_settings(
         cfg, mined.mine, indexed.index.nprobe, mined.calibration, indexed.recall
     )
-    checks["embedding_health"] = health.embedding_health(emb.doc_vecs, cfg.seed)
+    checks["embedding_health"] = mined.checks.get("embedding_health") or \
+        health.embedding_health(emb.doc_vecs, cfg.seed)  # computed here when no task did
     if mined.calibration is not None:
         checks["ceiling_calibration"] = dataclasses.asdict(mined.calibration)
     return dataclasses.replace(mined, pairs=pairs, forbidden=forbidden, known=known, checks=checks)
