@@ -46,6 +46,9 @@ VARIANTS = {
     "D-cal-q1": {"mine.calibrate_ceiling": 0.01, "mine.ceiling_from": "best",
                  "batch.max_rows_per_query": 1},
     "D-median-q1": {"mine.ceiling_from": "median", "batch.max_rows_per_query": 1},
+    # rows from each query's most relevant positives only (graded qrels); the rest stay known
+    "D-top": {"data.train_positives": "top_grade"},
+    "D-min2": {"data.train_positives": "min_score", "data.train_min_score": 2.0},
 }
 
 

@@ -100,7 +100,12 @@ def unwise(cfg: Config) -> list[Finding]:
 
 def check_data(cfg: Config, train_pairs: int) -> None:
     """What the dataset makes impossible, once read (``train_pairs``: positive pairs to mine)."""
-    b = cfg.batch
+    b, d = cfg.batch, cfg.data
+    if train_pairs == 0 and d.train_positives == "min_score":
+        detail = (f"data.train_min_score={d.train_min_score}: no positive of the train split "
+                  f"scores that high, so there is nothing to train on; lower "
+                  "data.train_min_score or set data.train_positives=all")  # fmt: skip
+        raise ConfigError(detail, ("data.train_min_score", "data.train_positives"), "", detail)
     if b.drop_last and train_pairs < b.batch_size:
         detail = (f"batch.batch_size={b.batch_size} with batch.drop_last: the train split has "
                   f"{train_pairs} pairs, fewer than one batch, so every row would be dropped; "

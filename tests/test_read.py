@@ -402,3 +402,38 @@ def test_corpus_of_only_empty_texts_is_named_when_skipped(tmp_path):
     root = write_beir(tmp_path, docs=[{"_id": "1", "text": " "}, {"_id": "2", "text": ""}])
     err = _error(DataConfig(path=str(root), empty_text="skip"), "all 2 rows", "empty text")
     assert err.file == str(root / "corpus.jsonl")
+
+
+# --- which judged positives become training rows ----------------------------------------------
+
+GRADED = {"train": [("q1", "1", "2"), ("q1", "2", "1"), ("q2", "2", "1")], "test": [("q2", "2", "1")]}
+
+
+@pytest.mark.parametrize(
+    ("policy", "rows"),
+    [("all", [("q1", "1"), ("q1", "2"), ("q2", "2")]),
+     ("top_grade", [("q1", "1"), ("q2", "2")]),  # q2's best is grade 1: it keeps its row
+     ("min_score", [("q1", "1")])],  # q2 has nothing at 2: no row
+)
+def test_train_positives_policy_keeps_every_known_positive(tmp_path, policy, rows):
+    from curate.config import config_from_dict
+    from curate.read.stage import read
+
+    root = write_beir(tmp_path / "d", qrels=GRADED)
+    cfg = config_from_dict({"output_dir": str(tmp_path / "out"), "data": {
+        "path": str(root), "train_positives": policy, "train_min_score": 2}})
+    r = read(cfg)
+    assert r.pairs.select("query_id", "doc_id").rows() == rows
+    assert {q: sorted(d) for q, d in r.known.items()} == {"q1": ["1", "2"], "q2": ["2"]}
+
+
+def test_min_score_with_nothing_left_names_the_key(tmp_path):
+    from curate.config import config_from_dict
+    from curate.errors import ConfigError
+    from curate.read.stage import read
+
+    cfg = config_from_dict({"output_dir": str(tmp_path / "out"), "data": {
+        "path": str(write_beir(tmp_path / "d")), "train_positives": "min_score",
+        "train_min_score": 3}})
+    with pytest.raises(ConfigError, match="data.train_min_score"):
+        read(cfg)

@@ -38,8 +38,13 @@ def doc_texts(corpus: pl.DataFrame) -> list[str]:
 
 
 def train_pairs(ds: Dataset, cfg: Config) -> pl.DataFrame:
-    """Positive (query, doc) pairs of the train split, sorted; optionally the first N queries."""
+    """Positive (query, doc) pairs of the train split that become rows (``data.train_positives``),
+    sorted; optionally the first N queries."""
     pairs = ds.qrels[cfg.data.train_split].filter(pl.col("score") > 0).sort("query_id", "doc_id")
+    if cfg.data.train_positives == "top_grade":
+        pairs = pairs.filter(pl.col("score") == pl.col("score").max().over("query_id"))
+    elif cfg.data.train_positives == "min_score":
+        pairs = pairs.filter(pl.col("score") >= cfg.data.train_min_score)
     if cfg.data.max_train_queries:
         keep = pairs["query_id"].unique(maintain_order=True)[: cfg.data.max_train_queries]
         pairs = pairs.filter(pl.col("query_id").is_in(keep.implode()))
