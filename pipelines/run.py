@@ -46,8 +46,21 @@ class _Clock:
         t0 = time.perf_counter()
         yield
         self.timings[name] = round(time.perf_counter() - t0, 3)
-        self.peak_mb[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        self.peak_mb[name] = round(peak_rss_mb(), 1)
         log.info("%s: %.1fs (driver peak %.0f MB)", name, self.timings[name], self.peak_mb[name])
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS: the kernel's VmHWM, which exec resets. Not ru_maxrss: Linux
+    carries the pre-exec peak into it, so a driver started by a large parent (a benchmark that
+    generated the corpus) would report the parent's peak as its own."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:

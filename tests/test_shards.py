@@ -146,3 +146,26 @@ def test_old_manifest_inside_the_shard_folder_says_rerun(shard_dir):
 def test_rejects_table_without_shard_schema(shard_dir):
     with pytest.raises(ValueError, match="batch_id"):
         write_shards(shard_table().drop_columns(["batch_id"]), shard_dir, 2)
+
+
+def test_texts_filled_shard_by_shard_write_the_same_bytes(tmp_path):
+    """The batch stage builds no table of every text: ``fill`` adds the texts to one shard's rows
+    at a time, by id, and the files are the bytes of the whole table written at once."""
+    from curate.batch.curation import TEXT_COLUMNS, TextColumn, with_texts
+
+    full = shard_table()
+    plain = full.drop_columns(list(TEXT_COLUMNS))
+    ids = [*full["pos_id"].to_pylist(), *full["neg_ids"].combine_chunks().flatten().to_pylist()]
+    texts = [*full["pos"].to_pylist(), *full["negs"].combine_chunks().flatten().to_pylist()]
+    docs = TextColumn(ids, texts)
+    queries = TextColumn(full["query_id"].to_pylist(), full["query"].to_pylist())
+    seen = []
+
+    def fill(part):
+        seen.append(part.num_rows)
+        return with_texts(part, docs, queries)
+
+    whole = write_shards(full, tmp_path / "a", 2)
+    streamed = write_shards(plain, tmp_path / "b", 2, fill=fill)
+    assert [r["sha256"] for r in streamed] == [r["sha256"] for r in whole]
+    assert seen == [5, 3, 2]  # batches of 2+3, 1+2, 2 rows: one call per shard

@@ -23,8 +23,8 @@ def canonical_forbidden(forbidden: pa.Table, canon: dict[str, str]) -> pa.Table:
     df = pl.from_arrow(forbidden)
     if df.height == 0:
         return forbidden.cast(schema.FORBIDDEN)
-    doc = [canon.get(d, d) for d in df["doc_id"].to_list()]
-    df = df.with_columns(pl.Series("doc_id", doc, pl.String))
+    if canon:
+        df = df.with_columns(pl.col("doc_id").replace(canon))
     df = df.sort("query_id", "doc_id", "reason", "score", maintain_order=True)
     return df.unique(["query_id", "doc_id"], keep="first", maintain_order=True).to_arrow().cast(
         schema.FORBIDDEN
@@ -44,9 +44,11 @@ def build_rows(
     stats: Counter = Counter()
     rows, picks = [], []
     rejected = rejected or {}
+    known_of: dict[str, frozenset[str]] = {}  # one set per query, shared by its rows
     for r in mined.iter_rows(named=True):
         pos = canon.get(r["pos_id"], r["pos_id"])
-        kp = frozenset(remap(known[r["query_id"]], canon))
+        if (kp := known_of.get(r["query_id"])) is None:
+            kp = known_of[r["query_id"]] = frozenset(remap(known[r["query_id"]], canon))
         rej = rejected.get(r["query_id"], frozenset())
         keep, seen = [], set()
         for j, n in enumerate(r["neg_ids"]):
@@ -85,8 +87,10 @@ class TextColumn:
         self.table = pl.DataFrame({"id": pl.Series(ids, dtype=pl.String),
                                    "text": pl.Series(texts, dtype=pl.String)})  # fmt: skip
 
-    def take(self, ids: pl.Series | list[str] | pa.Array) -> pa.Array:
+    def take(self, ids: pl.Series | list[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
         """The texts of ``ids``, in order; an unknown id is an error (a bug, not bad input)."""
+        if isinstance(ids, (pa.Array, pa.ChunkedArray)):
+            ids = pl.from_arrow(ids)
         want = pl.DataFrame({"id": pl.Series(ids, dtype=pl.String)})
         got = want.join(self.table, on="id", how="left", maintain_order="left")["text"]
         if got.null_count():
@@ -94,10 +98,27 @@ class TextColumn:
             raise KeyError(f"ids without a text: {missing}")
         return got.to_arrow().cast(pa.string())
 
-    def take_lists(self, lists: list[list[str]]) -> pa.Array:
+    def take_lists(self, lists: list[list[str]] | pa.ListArray | pa.ChunkedArray) -> pa.Array:
         """The texts of each list of ids, as a list column."""
-        ids = pa.array(lists, pa.list_(pa.string()))
-        return pa.ListArray.from_arrays(ids.offsets, self.take(ids.flatten()))
+        if isinstance(lists, pa.ChunkedArray):
+            lists = lists.combine_chunks()
+        ids = lists if isinstance(lists, pa.ListArray) else pa.array(lists, pa.list_(pa.string()))
+        offsets = pc.subtract(ids.offsets, ids.offsets[0])  # a slice's offsets start past 0
+        return pa.ListArray.from_arrays(offsets, self.take(ids.flatten()))
+
+
+# The SHARD columns shard_table leaves out: texts are looked up shard by shard (with_texts).
+TEXT_COLUMNS = ("query", "pos", "negs")
+
+
+def with_texts(rows: pa.Table, doc_text: TextColumn, query_text: TextColumn) -> pa.Table:
+    """Rows of shard_table (one shard's) -> the SHARD table: the query, positive and negative
+    texts looked up by id."""
+    texts = {"query": query_text.take(rows.column("query_id")),
+             "pos": doc_text.take(rows.column("pos_id")),
+             "negs": doc_text.take_lists(rows.column("neg_ids"))}  # fmt: skip
+    return pa.table([texts[f.name] if f.name in texts else rows.column(f.name)
+                     for f in schema.SHARD], schema=schema.SHARD)  # fmt: skip
 
 
 def shard_table(
@@ -105,12 +126,11 @@ def shard_table(
     rows: list[Row],
     cfg: BatchConfig,
     seed: int,
-    doc_text: TextColumn,
-    query_text: TextColumn,
     num_negatives: int | None = None,
 ) -> tuple[pa.Table, Counter, Counter]:
-    """Compose batches and lay the rows out in batch order with their texts (SHARD schema);
-    each row keeps ``num_negatives`` (None: all) of its mined negatives and spares.
+    """Compose batches and lay the rows out in batch order (the SHARD columns but the texts:
+    ``with_texts`` adds them per shard); each row keeps ``num_negatives`` (None: all) of its
+    mined negatives and spares.
     -> (table, composer statistics, where each row's negatives went: see ``_fate``)."""
     batches, negs, stats = compose(rows, cfg, seed, num_negatives)
     order = [i for b in batches for i in b]
@@ -139,19 +159,15 @@ def shard_table(
     table = pa.table(
         {
             "batch_id": pa.array(batch_id, pa.int64()),
-            "query_id": df["query_id"].to_list(),
-            "query": query_text.take(df["query_id"]),
-            "pos_id": df["pos_id"].to_list(),
-            "pos": doc_text.take(df["pos_id"]),
+            "query_id": pa.array(df["query_id"].to_list(), pa.string()),
+            "pos_id": pa.array(df["pos_id"].to_list(), pa.string()),
             "pos_score": pa.array(df["pos_score"].to_list(), pa.float32()),
             "neg_ids": pa.array(cols["neg_ids"], pa.list_(pa.string())),
-            "negs": doc_text.take_lists(cols["neg_ids"]),
             "neg_scores": pa.array(cols["neg_scores"], pa.list_(pa.float32())),
             "neg_ranks": pa.array(cols["neg_ranks"], pa.list_(pa.int32())),
             "topic": pa.array(df["topic"].to_list(), pa.int32()),
             "known_pos_ids": pa.array(df["known_pos_ids"].to_list(), pa.list_(pa.string())),
         },
-        schema=schema.SHARD,
     )
     return table, stats, fate
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -55,9 +55,13 @@ def written_here(shard_dir: Path) -> list[str]:
     return ours
 
 
-def write_shards(table: pa.Table, out_dir: Path, batches_per_shard: int) -> list[dict]:
-    """``table`` (SHARD schema) sorted by batch_id -> shard files; returns their file records."""
-    schema.check(table, schema.SHARD, "shards")
+def write_shards(table: pa.Table, out_dir: Path, batches_per_shard: int,
+                 fill: Callable[[pa.Table], pa.Table] | None = None) -> list[dict]:
+    """``table`` (SHARD schema) sorted by batch_id -> shard files; returns their file records.
+    ``fill``: a shard's rows -> its SHARD table (e.g. the texts looked up), called once per shard
+    so that only one shard's worth of text is ever built."""
+    if fill is None:
+        schema.check(table, schema.SHARD, "shards")
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = written_here(out_dir)  # read before the manifest that lists them goes
     # The manifest goes first: a crash below must not leave an old manifest over new shards.
@@ -75,9 +79,13 @@ def write_shards(table: pa.Table, out_dir: Path, batches_per_shard: int) -> list
     for s, first in enumerate(range(0, len(bounds) - 1, batches_per_shard)):
         last = min(first + batches_per_shard, len(bounds) - 1)
         path = out_dir / f"shard-{s:05d}.parquet"
-        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, table.schema, **PARQUET_OPTS) as w:
+        part = table.slice(bounds[first], bounds[last] - bounds[first])
+        if fill is not None:
+            part = fill(part)
+            schema.check(part, schema.SHARD, "shards")
+        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, part.schema, **PARQUET_OPTS) as w:
             for b in range(first, last):
-                w.write_table(table.slice(bounds[b], bounds[b + 1] - bounds[b]))
+                w.write_table(part.slice(bounds[b] - bounds[first], bounds[b + 1] - bounds[b]))
         faults.reached("shard")  # test-only crash point
         records.append(
             {"path": path.name, "batches": last - first, "rows": bounds[last] - bounds[first],

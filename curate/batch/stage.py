@@ -20,6 +20,7 @@ from curate.batch.curation import (
     shard_counts,
     shard_funnel,
     shard_table,
+    with_texts,
 )
 from curate.config import Config
 from curate.files import sha256, write_table
@@ -58,12 +59,19 @@ def canonical_map(cfg: Config, read: Read, emb: Embedded) -> tuple[dict[str, str
     return canon, info
 
 
-def rejected_docs(forbidden: pa.Table) -> dict[str, set[str]]:
-    """query_id -> the docs it must never see as a negative."""
+def rejected_docs(forbidden: pa.Table, mined: pl.DataFrame, canon: dict[str, str]
+                  ) -> dict[str, set[str]]:
+    """query_id -> the docs among its mined negatives (canonical ids) it must never see as a
+    negative. Only those: a set of every forbidden pair would be one Python object per pair
+    (tens of millions at corpus scale) for lookups that are all of mined negatives."""
+    negs = mined.select("query_id", pl.col("neg_ids").alias("doc_id")).explode("doc_id")
+    negs = negs.drop_nulls()
+    if canon:
+        negs = negs.with_columns(pl.col("doc_id").replace(canon))
+    hit = negs.join(pl.from_arrow(forbidden.select(["query_id", "doc_id"])),
+                    on=["query_id", "doc_id"], how="semi").unique()  # fmt: skip
     rejected: dict[str, set[str]] = {}
-    for q, d in zip(
-        forbidden.column("query_id").to_pylist(), forbidden.column("doc_id").to_pylist()
-    ):
+    for q, d in hit.iter_rows():
         rejected.setdefault(q, set()).add(d)
     return rejected
 
@@ -89,15 +97,15 @@ def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined,
     # Under canonical ids, as the shards: the mask then catches a rejected doc's twin too.
     forbidden = canonical_forbidden(mined.forbidden, canon)
     rows_df, rows, stats = build_rows(
-        mined_df, mined.known, canon, topic_of, rejected_docs(forbidden)
+        mined_df, mined.known, canon, topic_of, rejected_docs(forbidden, mined_df, canon)
     )
-    table, batch_stats, fate = shard_table(
-        rows_df, rows, cfg.batch, cfg.seed, TextColumn(read.corpus["doc_id"], read.texts),
-        TextColumn(read.dataset.queries["query_id"], read.dataset.queries["text"]),
-        cfg.mine.num_negatives,
-    )
+    table, batch_stats, fate = shard_table(rows_df, rows, cfg.batch, cfg.seed,
+                                           cfg.mine.num_negatives)
+    doc_text = TextColumn(read.corpus["doc_id"], read.texts)
+    query_text = TextColumn(read.dataset.queries["query_id"], read.dataset.queries["text"])
     shard_dir = out / "shards"
-    files = shards.write_shards(table, shard_dir, cfg.batch.batches_per_shard)
+    files = shards.write_shards(table, shard_dir, cfg.batch.batches_per_shard,
+                                fill=lambda part: with_texts(part, doc_text, query_text))
     write_table(out / FORBIDDEN_FILE, forbidden)
     # The funnel runs on to the negatives in the shards.
     funnel = shard_funnel(mined.funnel, stats["neg_dropped_as_duplicate"], fate)
