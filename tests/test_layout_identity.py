@@ -2,9 +2,9 @@
 (minus what holds a time, a path or a machine fact) and the trained weights of two small runs are
 compared with hashes recorded before the layout changed (tests/data/layout-identity.json).
 
-Float kernels differ by CPU (AVX2 vs AVX512 BLAS paths; ``embed.dtype: auto`` picks bf16 only where
-the CPU has it), so the hashes are recorded per CPU class (``cpu_class()``); on a class with no record
-the tests skip and say how to record one, from a commit whose output is meant to be unchanged.
+Float kernels differ by CPU (AVX2 vs AVX512 BLAS paths; ``embed.dtype: auto`` picks bf16 only
+where the CPU has it), so the hashes are recorded per CPU class (``cpu_class()``); on a class with
+no record the tests skip and say how to record one, from a commit whose output is meant to be unchanged.
 
 Each run's config is recorded whole (every key, defaults included), so a later change of a default
 changes neither run. Record again only for a change that is meant to change the output:
@@ -144,7 +144,8 @@ def recorded() -> dict:
     if (key := cpu_class()) not in machines:
         pytest.skip(f"no layout-identity record for CPU class {key} (recorded: "
                     f"{', '.join(sorted(machines))}); record one on a commit whose output is "
-                    "meant to be unchanged: .venv/bin/python tests/test_layout_identity.py --record")
+                    "meant to be unchanged: "
+                    ".venv/bin/python tests/test_layout_identity.py --record")
     return machines[key]
 
 

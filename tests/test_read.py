@@ -406,7 +406,8 @@ def test_corpus_of_only_empty_texts_is_named_when_skipped(tmp_path):
 
 # --- which judged positives become training rows ----------------------------------------------
 
-GRADED = {"train": [("q1", "1", "2"), ("q1", "2", "1"), ("q2", "2", "1")], "test": [("q2", "2", "1")]}
+GRADED = {"train": [("q1", "1", "2"), ("q1", "2", "1"), ("q2", "2", "1")],
+          "test": [("q2", "2", "1")]}
 
 
 @pytest.mark.parametrize(
