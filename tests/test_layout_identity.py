@@ -4,7 +4,8 @@ compared with hashes recorded before the layout changed (tests/data/layout-ident
 
 Float kernels differ by CPU (AVX2 vs AVX512 BLAS paths; ``embed.dtype: auto`` picks bf16 only
 where the CPU has it), so the hashes are recorded per CPU class (``cpu_class()``); on a class with
-no record the tests skip and say how to record one, from a commit whose output is meant to be unchanged.
+no record the tests skip and say how to record one, from a commit whose output is meant to be
+unchanged.
 
 Each run's config is recorded whole (every key, defaults included), so a later change of a default
 changes neither run. Record again only for a change that is meant to change the output:
