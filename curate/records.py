@@ -29,7 +29,7 @@ class Read:
 
     dataset: Dataset
     corpus: pl.DataFrame  # dataset.corpus plus the normalised-text hash (dedup.add_text_hash)
-    texts: list[str]  # per corpus row: title and text as the model embeds them
+    texts: pl.Series  # per corpus row: title and text as the model embeds them (or a list)
     pairs: pl.DataFrame  # positive (query_id, doc_id) pairs of the train split, sorted
     known: dict[str, list[str]]  # query_id -> every known positive doc id (train split)
 

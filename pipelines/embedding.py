@@ -42,6 +42,8 @@ def embed_texts(
     file by row range and write their vectors to files: no text or vector is a task argument or
     result."""
     cache_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(texts, "to_list"):  # a polars Series: the plan below takes texts by row
+        texts = texts.to_list()
     settings = {k: v for k, v in asdict(cfg).items() if k != "partition_size"}
     settings = json.dumps({**settings, "compute_dtype": embed.local_dtype(cfg)}, sort_keys=True)
     source = _TextsFile(cache_dir, ids, texts)

@@ -203,10 +203,11 @@ def _select(eligible: np.ndarray, cfg: MineConfig, entropy: list[int]) -> np.nda
 # --- the n-gram rule: doc texts by doc number, memory-mapped -------------------------------
 
 
-def write_doc_texts(path: Path, texts: list[str]) -> None:
+def write_doc_texts(path: Path, texts) -> None:
     """Doc texts in doc-number order as an uncompressed Arrow file (temp name, then rename), so
     mine tasks memory-map it and read only the pages of the docs they compare."""
-    table = pa.table({"text": pa.array(texts, pa.large_string())})
+    arr = texts.to_arrow() if hasattr(texts, "to_arrow") else pa.array(texts)  # a polars Series
+    table = pa.table({"text": arr.cast(pa.large_string())})
     with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
         with pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)

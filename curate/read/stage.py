@@ -28,13 +28,18 @@ def resolve_data(cfg: Config) -> DataConfig:
     return dataclasses.replace(cfg.data, path=str(folder))
 
 
-def doc_texts(corpus: pl.DataFrame) -> list[str]:
+def doc_text_series(corpus: pl.DataFrame) -> pl.Series:
     """Title and text joined as BEIR models expect; the title alone is dropped when the text
-    already starts with it (Cranfield repeats it)."""
-    return [
-        t if not ti or t.startswith(ti) else f"{ti} {t}"
-        for ti, t in zip(corpus["title"].to_list(), corpus["text"].to_list())
-    ]
+    already starts with it (Cranfield repeats it). An Arrow-backed column: a Python list would
+    hold one object per document in the driver."""
+    title, text = pl.col("title").fill_null(""), pl.col("text").fill_null("")
+    joined = pl.when((title == "") | text.str.starts_with(title)).then(text)
+    return corpus.select(joined.otherwise(title + " " + text).alias("text"))["text"]
+
+
+def doc_texts(corpus: pl.DataFrame) -> list[str]:
+    """``doc_text_series`` as a list."""
+    return doc_text_series(corpus).to_list()
 
 
 def train_pairs(ds: Dataset, cfg: Config) -> pl.DataFrame:
@@ -68,4 +73,4 @@ def read(cfg: Config) -> Read:
     config_rules.check_data(cfg, pairs.height)
     known = known_positives(ds, cfg.data.train_split)
     corpus = dedup.add_text_hash(ds.corpus)
-    return Read(ds, corpus, doc_texts(corpus), pairs, known)
+    return Read(ds, corpus, doc_text_series(corpus), pairs, known)
