@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -150,7 +151,7 @@ def test_rejects_table_without_shard_schema(shard_dir):
 
 def test_texts_filled_shard_by_shard_write_the_same_bytes(tmp_path):
     """The batch stage builds no table of every text: ``fill`` adds the texts to one shard's rows
-    at a time, by id, and the files are the bytes of the whole table written at once."""
+    at a time, by id (with the known positives), and the files are the bytes of the whole table written at once."""
     from curate.batch.curation import TEXT_COLUMNS, TextColumn, with_texts
 
     full = shard_table()
@@ -159,11 +160,13 @@ def test_texts_filled_shard_by_shard_write_the_same_bytes(tmp_path):
     texts = [*full["pos"].to_pylist(), *full["negs"].combine_chunks().flatten().to_pylist()]
     docs = TextColumn(ids, texts)
     queries = TextColumn(full["query_id"].to_pylist(), full["query"].to_pylist())
+    known = pl.DataFrame({"query_id": full["query_id"].to_pylist(),
+                          "known_pos_ids": full["known_pos_ids"].to_pylist()})
     seen = []
 
     def fill(part):
         seen.append(part.num_rows)
-        return with_texts(part, docs, queries)
+        return with_texts(part, docs, queries, known)
 
     whole = write_shards(full, tmp_path / "a", 2)
     streamed = write_shards(plain, tmp_path / "b", 2, fill=fill)

@@ -62,7 +62,6 @@ def build_rows(
         rows.append(Row(pos, tuple(c for _, c in keep), kp, topic_of[r["query_id"]], r["query_id"]))
     out = schema.keep_negatives(mined, picks, [list(r.negs) for r in rows]).with_columns(
         pl.Series("pos_id", [r.pos for r in rows], pl.String),
-        pl.Series("known_pos_ids", [sorted(r.known) for r in rows], pl.List(pl.String)),
         pl.Series("topic", [r.topic for r in rows], pl.Int32),
     )
     return out, rows, stats
@@ -107,17 +106,31 @@ class TextColumn:
         return pa.ListArray.from_arrays(offsets, self.take(ids.flatten()))
 
 
-# The SHARD columns shard_table leaves out: texts are looked up shard by shard (with_texts).
-TEXT_COLUMNS = ("query", "pos", "negs")
+# The SHARD columns shard_table leaves out, added shard by shard (with_texts): the texts, and
+# each row's known positives (NFCorpus: 110k rows x 43 ids, over a GB as one column).
+TEXT_COLUMNS = ("query", "pos", "negs", "known_pos_ids")
 
 
-def with_texts(rows: pa.Table, doc_text: TextColumn, query_text: TextColumn) -> pa.Table:
+def known_table(rows: list[Row]) -> pl.DataFrame:
+    """query_id -> its known positives (canonical ids, sorted), one row per query."""
+    known = {r.query: r.known for r in rows}
+    return pl.DataFrame(
+        {"query_id": list(known), "known_pos_ids": [sorted(k) for k in known.values()]},
+        schema={"query_id": pl.String, "known_pos_ids": pl.List(pl.String)},
+    )
+
+
+def with_texts(rows: pa.Table, doc_text: TextColumn, query_text: TextColumn,
+               known: pl.DataFrame) -> pa.Table:
     """Rows of shard_table (one shard's) -> the SHARD table: the query, positive and negative
-    texts looked up by id."""
-    texts = {"query": query_text.take(rows.column("query_id")),
-             "pos": doc_text.take(rows.column("pos_id")),
-             "negs": doc_text.take_lists(rows.column("neg_ids"))}  # fmt: skip
-    return pa.table([texts[f.name] if f.name in texts else rows.column(f.name)
+    texts looked up by id, and the query's known positives (``known_table``)."""
+    want = pl.DataFrame({"query_id": pl.from_arrow(rows.column("query_id"))})
+    kp = want.join(known, on="query_id", how="left", maintain_order="left")["known_pos_ids"]
+    filled = {"query": query_text.take(rows.column("query_id")),
+              "pos": doc_text.take(rows.column("pos_id")),
+              "negs": doc_text.take_lists(rows.column("neg_ids")),
+              "known_pos_ids": _arrow(kp, pa.list_(pa.string()))}  # fmt: skip
+    return pa.table([filled[f.name] if f.name in filled else rows.column(f.name)
                      for f in schema.SHARD], schema=schema.SHARD)  # fmt: skip
 
 
@@ -129,7 +142,7 @@ def shard_table(
     num_negatives: int | None = None,
 ) -> tuple[pa.Table, Counter, Counter]:
     """Compose batches and lay the rows out in batch order (the SHARD columns but the texts:
-    ``with_texts`` adds them per shard); each row keeps ``num_negatives`` (None: all) of its
+    and known positives: ``with_texts`` adds them per shard); each row keeps ``num_negatives`` (None: all) of its
     mined negatives and spares.
     -> (table, composer statistics, where each row's negatives went: see ``_fate``)."""
     batches, negs, stats = compose(rows, cfg, seed, num_negatives)
@@ -159,17 +172,22 @@ def shard_table(
     table = pa.table(
         {
             "batch_id": pa.array(batch_id, pa.int64()),
-            "query_id": pa.array(df["query_id"].to_list(), pa.string()),
-            "pos_id": pa.array(df["pos_id"].to_list(), pa.string()),
-            "pos_score": pa.array(df["pos_score"].to_list(), pa.float32()),
+            "query_id": _arrow(df["query_id"], pa.string()),
+            "pos_id": _arrow(df["pos_id"], pa.string()),
+            "pos_score": _arrow(df["pos_score"], pa.float32()),
             "neg_ids": pa.array(cols["neg_ids"], pa.list_(pa.string())),
             "neg_scores": pa.array(cols["neg_scores"], pa.list_(pa.float32())),
             "neg_ranks": pa.array(cols["neg_ranks"], pa.list_(pa.int32())),
-            "topic": pa.array(df["topic"].to_list(), pa.int32()),
-            "known_pos_ids": pa.array(df["known_pos_ids"].to_list(), pa.list_(pa.string())),
+            "topic": _arrow(df["topic"], pa.int32()),
         },
     )
     return table, stats, fate
+
+
+def _arrow(column: pl.Series, kind: pa.DataType) -> pa.Array:
+    """A polars column as one Arrow array of the shard schema's type, without Python objects."""
+    arr = column.to_arrow()
+    return (arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr).cast(kind)
 
 
 def _fate(n: int, pick: list[int], want: int | None) -> Counter:

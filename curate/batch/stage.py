@@ -15,6 +15,7 @@ from curate.batch.curation import (
     TextColumn,
     build_rows,
     canonical_forbidden,
+    known_table,
     funnel_balance,
     query_topics,
     shard_counts,
@@ -103,9 +104,10 @@ def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined,
                                            cfg.mine.num_negatives)
     doc_text = TextColumn(read.corpus["doc_id"], read.texts)
     query_text = TextColumn(read.dataset.queries["query_id"], read.dataset.queries["text"])
+    known = known_table(rows)
     shard_dir = out / "shards"
     files = shards.write_shards(table, shard_dir, cfg.batch.batches_per_shard,
-                                fill=lambda part: with_texts(part, doc_text, query_text))
+                                fill=lambda part: with_texts(part, doc_text, query_text, known))
     write_table(out / FORBIDDEN_FILE, forbidden)
     # The funnel runs on to the negatives in the shards.
     funnel = shard_funnel(mined.funnel, stats["neg_dropped_as_duplicate"], fate)
