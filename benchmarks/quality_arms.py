@@ -49,6 +49,7 @@ VARIANTS = {
     # rows from each query's most relevant positives only (graded qrels); the rest stay known
     "D-top": {"data.train_positives": "top_grade"},
     "D-min2": {"data.train_positives": "min_score", "data.train_min_score": 2.0},
+    "D-above": {"data.train_positives": "above_lowest"},  # = D-min2 on NFCorpus and Cranfield
 }
 
 

@@ -59,11 +59,13 @@ class DataConfig:
     empty_text: Literal["error", "skip"] = "error"
     max_train_queries: int | None = field(default=None, metadata=_range(1))
     # Which judged positives become training rows. Every positive (score > 0) stays a known
-    # positive either way: masked in the trainer, never mined as a negative. top_grade: each
-    # query's positives at its highest score (graded qrels, e.g. NFCorpus's direct links over its
-    # indirect ones); min_score: those scoring at least train_min_score (a query without one
-    # trains no row). Binary qrels: all three are the same.
-    train_positives: Literal["all", "top_grade", "min_score"] = "all"
+    # positive either way: masked in the trainer, never mined as a negative. above_lowest: on
+    # graded qrels (two or more positive scores in the train split) all but the lowest grade,
+    # the marginal one (NFCorpus's indirect links, Cranfield's "minimum interest"); top_grade:
+    # each query's positives at its highest score; min_score: those scoring at least
+    # train_min_score. A query left without one trains no row (it stays known). Binary qrels:
+    # all four are the same.
+    train_positives: Literal["all", "above_lowest", "top_grade", "min_score"] = "all"
     train_min_score: float = 1.0
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
 

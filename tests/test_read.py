@@ -414,6 +414,7 @@ GRADED = {"train": [("q1", "1", "2"), ("q1", "2", "1"), ("q2", "2", "1")],
     ("policy", "rows"),
     [("all", [("q1", "1"), ("q1", "2"), ("q2", "2")]),
      ("top_grade", [("q1", "1"), ("q2", "2")]),  # q2's best is grade 1: it keeps its row
+     ("above_lowest", [("q1", "1")]),  # grades 1 and 2 in the split: the 1s train no row
      ("min_score", [("q1", "1")])],  # q2 has nothing at 2: no row
 )
 def test_train_positives_policy_keeps_every_known_positive(tmp_path, policy, rows):

@@ -151,7 +151,8 @@ def test_rejects_table_without_shard_schema(shard_dir):
 
 def test_texts_filled_shard_by_shard_write_the_same_bytes(tmp_path):
     """The batch stage builds no table of every text: ``fill`` adds the texts to one shard's rows
-    at a time, by id (with the known positives), and the files are the bytes of the whole table written at once."""
+    at a time, by id (with the known positives), and the files are the bytes of the whole table
+    written at once."""
     from curate.batch.curation import TEXT_COLUMNS, TextColumn, with_texts
 
     full = shard_table()

@@ -141,9 +141,9 @@ def shard_table(
     seed: int,
     num_negatives: int | None = None,
 ) -> tuple[pa.Table, Counter, Counter]:
-    """Compose batches and lay the rows out in batch order (the SHARD columns but the texts:
-    and known positives: ``with_texts`` adds them per shard); each row keeps ``num_negatives`` (None: all) of its
-    mined negatives and spares.
+    """Compose batches and lay the rows out in batch order (the SHARD columns but the texts and
+    known positives: ``with_texts`` adds them per shard); each row keeps ``num_negatives``
+    (None: all) of its mined negatives and spares.
     -> (table, composer statistics, where each row's negatives went: see ``_fate``)."""
     batches, negs, stats = compose(rows, cfg, seed, num_negatives)
     order = [i for b in batches for i in b]

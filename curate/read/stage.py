@@ -48,6 +48,8 @@ def train_pairs(ds: Dataset, cfg: Config) -> pl.DataFrame:
     pairs = ds.qrels[cfg.data.train_split].filter(pl.col("score") > 0).sort("query_id", "doc_id")
     if cfg.data.train_positives == "top_grade":
         pairs = pairs.filter(pl.col("score") == pl.col("score").max().over("query_id"))
+    elif cfg.data.train_positives == "above_lowest" and pairs["score"].n_unique() > 1:
+        pairs = pairs.filter(pl.col("score") > pairs["score"].min())
     elif cfg.data.train_positives == "min_score":
         pairs = pairs.filter(pl.col("score") >= cfg.data.train_min_score)
     if cfg.data.max_train_queries:
