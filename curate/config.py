@@ -65,7 +65,7 @@ class DataConfig:
     # each query's positives at its highest score; min_score: those scoring at least
     # train_min_score. A query left without one trains no row (it stays known). Binary qrels:
     # all four are the same.
-    train_positives: Literal["all", "above_lowest", "top_grade", "min_score"] = "all"
+    train_positives: Literal["all", "above_lowest", "top_grade", "min_score"] = "above_lowest"
     train_min_score: float = 1.0
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
 
