@@ -6,13 +6,15 @@ returns its own record. Tables are Arrow or polars as the stage that made them l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+import polars as pl
+
 if TYPE_CHECKING:
-    import numpy as np
-    import polars as pl
     import pyarrow as pa
 
     from curate.config import IndexConfig, MineConfig
@@ -27,8 +29,8 @@ TIMED = ("read", "embed", "index", "recall_guard", "mine", "fncheck", "curate", 
 class Read:
     """Stage 1: the validated dataset and what every later stage reads from it."""
 
-    dataset: Dataset
-    corpus: pl.DataFrame  # dataset.corpus plus the normalised-text hash (dedup.add_text_hash)
+    dataset: Dataset  # queries, qrels, stats; its corpus is ``corpus`` (no text column)
+    corpus: pl.DataFrame  # doc_id and hash (u64 of the normalised text, dedup.add_text_hash)
     texts: pl.Series  # per corpus row: title and text as the model embeds them (or a list)
     pairs: pl.DataFrame  # positive (query_id, doc_id) pairs of the train split, sorted
     known: dict[str, list[str]]  # query_id -> every known positive doc id (train split)
@@ -51,22 +53,40 @@ class Model:
     fingerprint: str
 
 
+def id_series(ids: Sequence[str] | pl.Series) -> pl.Series:
+    """Ids as one Arrow string column: a Python list holds an object per id (10M at MS MARCO
+    scale, ~0.6 GB in the driver)."""
+    return ids if isinstance(ids, pl.Series) else pl.Series("id", list(ids), pl.String)
+
+
+def rows_of(keys: pl.Series, ids: Sequence[str] | pl.Series) -> np.ndarray:
+    """The row of each of ``ids`` in ``keys`` (-1 where absent), by a join instead of a dict of
+    every key."""
+    table = pl.DataFrame({"id": keys}).with_row_index("row")
+    want = pl.DataFrame({"id": id_series(ids).rename("id")})
+    got = want.join(table, on="id", how="left", maintain_order="left")["row"]
+    return got.fill_null(-1).to_numpy().astype(np.int64)
+
+
 @dataclass(frozen=True)
 class Embedded:
-    """Stage 2: unit vectors of docs and queries, rows in id order."""
+    """Stage 2: unit vectors of docs and queries, rows in id order. The ids are kept as Arrow
+    columns (lists are converted): the driver holds no Python object per document."""
 
-    doc_ids: list[str]
+    doc_ids: pl.Series
     doc_vecs: np.ndarray  # [docs, dim]
-    query_ids: list[str]
+    query_ids: pl.Series
     query_vecs: np.ndarray  # [queries, dim]
 
-    @property
-    def doc_row(self) -> dict[str, int]:
-        return {d: i for i, d in enumerate(self.doc_ids)}
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "doc_ids", id_series(self.doc_ids).rename("doc_id"))
+        object.__setattr__(self, "query_ids", id_series(self.query_ids).rename("query_id"))
 
-    @property
-    def query_row(self) -> dict[str, int]:
-        return {q: i for i, q in enumerate(self.query_ids)}
+    def doc_rows(self, ids: Sequence[str] | pl.Series) -> np.ndarray:
+        return rows_of(self.doc_ids, ids)
+
+    def query_rows(self, ids: Sequence[str] | pl.Series) -> np.ndarray:
+        return rows_of(self.query_ids, ids)
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,18 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 
 from curate.config import EmbedConfig
 from curate.embed import encoder as embed
 from curate.embed import plan as embed_plan
 from curate.files import atomic_path, write_table
+from curate.records import id_series
 from curate.text import content_hash
 from pipelines.cluster import Workers, gather
 
@@ -153,7 +156,7 @@ def _token_lengths(workers: Workers, source: _TextsFile, prefix: str, model_path
     return lengths
 
 
-def given_vectors(workers: Workers, path: str, id_column: str, column: str, ids: list[str],
+def given_vectors(workers: Workers, path: str, id_column: str, column: str, ids: pl.Series,
                   cache_dir: Path, rows_per_task: int, options: dict | None = None) -> np.ndarray:
     """The vectors of ``path``'s ``column`` for ``ids`` (in that order): one task per group of
     row groups fills its rows of one file-order ``.npy`` in place, a last task puts them in
@@ -164,7 +167,7 @@ def given_vectors(workers: Workers, path: str, id_column: str, column: str, ids:
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = content_hash([*vectors.identity(path, options), column])
-    order_key = content_hash([key, *ids])
+    order_key = content_hash(chain([key], ids))  # streamed: no list of every id
     out = cache_dir / f"given-{order_key}.npy"
     if out.exists():
         return np.load(out, mmap_mode="r")
@@ -183,7 +186,7 @@ def given_vectors(workers: Workers, path: str, id_column: str, column: str, ids:
     ]  # fmt: skip
     gather(workers, futures, f"vectors ({path.rsplit('/', 1)[-1]})")
     order = cache_dir / f"given-{order_key}.ids.parquet"
-    write_table(order, pa.table({"id": pa.array(ids, pa.string())}))
+    write_table(order, pa.table({"id": id_series(ids).to_arrow().cast(pa.string())}))
     firsts = [first for _, _, first in blocks]
     workers.client.submit(vectors.assemble, str(rows_file), firsts, str(order), str(out),
                           key=f"vectors-{order_key}", pure=False).result()  # fmt: skip

@@ -191,7 +191,9 @@ def _mine_task(block_path: str, out_path: str, chunks: list, rows: tuple[int, in
     parts = _block_rows(chunks, rows)
     doc_vecs = np.load(files.doc_vecs, mmap_mode="r")
     doc_hash = np.load(files.doc_hash, mmap_mode="r")
-    doc_ids = pq.ParquetFile(files.doc_ids).read().column("doc_id").to_pylist()
+    # An Arrow column the negatives are taken from: as a Python list every task would hold an
+    # object per document (10M at MS MARCO scale).
+    doc_ids = pq.ParquetFile(files.doc_ids).read().column("doc_id").combine_chunks()
     # Per-shard hits -> the exact global top-k (ties on the lower doc number): one code path
     # whatever the shard count, so sharded and unsharded flat runs mine the same negatives.
     scores, cands = index.merge_topk(parts, offsets, mcfg.top_k)
@@ -201,7 +203,7 @@ def _mine_task(block_path: str, out_path: str, chunks: list, rows: tuple[int, in
             "query_id": [block.query_ids[block.pair_query[p]] for p in res.pair],
             "pos_id": block.pos_ids,
             "pos_score": pa.array(res.pos_score, pa.float32()),
-            "neg_ids": [[doc_ids[d] for d in n] for n in res.neg_docs],
+            "neg_ids": _ids_lists(doc_ids, res.neg_docs),
             "neg_scores": pa.array([s.tolist() for s in res.neg_scores], pa.list_(pa.float32())),
             "neg_ranks": pa.array([r.tolist() for r in res.neg_ranks], pa.list_(pa.int32())),
         },
@@ -210,7 +212,7 @@ def _mine_task(block_path: str, out_path: str, chunks: list, rows: tuple[int, in
     forbidden = pa.table(
         {
             "query_id": [block.query_ids[q] for q, _, _ in res.forbidden],
-            "doc_id": [doc_ids[d] for _, d, _ in res.forbidden],
+            "doc_id": doc_ids.take(pa.array([d for _, d, _ in res.forbidden], pa.int64())),
             "reason": [r for _, _, r in res.forbidden],
             "score": pa.array(res.forbidden_scores, pa.float32()),
         },
@@ -221,6 +223,14 @@ def _mine_task(block_path: str, out_path: str, chunks: list, rows: tuple[int, in
     meta = {b"funnel": json.dumps(dict(res.funnel), sort_keys=True).encode()}
     write_table(path, table.replace_schema_metadata(meta))
     return out_path
+
+
+def _ids_lists(doc_ids: pa.Array, rows: list) -> pa.ListArray:
+    """Lists of doc numbers -> lists of their ids, one take over the id column."""
+    offsets = np.zeros(len(rows) + 1, np.int32)
+    np.cumsum([len(r) for r in rows], out=offsets[1:])
+    flat = np.concatenate([np.asarray(r, np.int64) for r in rows]) if rows else np.zeros(0, int)
+    return pa.ListArray.from_arrays(pa.array(offsets), doc_ids.take(pa.array(flat, pa.int64())))
 
 
 def _forbidden_path(path: Path) -> Path:

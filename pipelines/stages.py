@@ -33,7 +33,7 @@ def vectors_stage(workers: Workers, read: Read, cfg: Config, cache: Path) -> Emb
     from curate.read.vectors import parquet_inputs
 
     cols, data = cfg.data.columns, parquet_inputs(cfg.data)
-    doc_ids, q_ids = read.corpus["doc_id"].to_list(), read.dataset.queries["query_id"].to_list()
+    doc_ids, q_ids = read.corpus["doc_id"], read.dataset.queries["query_id"]
     rows = max(cfg.embed.partition_size, 100_000)  # reading is cheap: fewer, larger tasks
     opts = dict(cfg.storage.options)
     docs = given_vectors(workers, data.corpus, cols.doc_id, cols.vector, doc_ids, cache / "given",
@@ -99,7 +99,7 @@ def guard_stage(workers: Workers, work: Path, fp: str, cfg: Config, read: Read,
     from curate.index.recall import sample_rows
 
     train_q = read.pairs["query_id"].unique().to_list()
-    rows = np.flatnonzero(np.isin(emb.query_ids, train_q))
+    rows = np.flatnonzero(emb.query_ids.is_in(train_q).to_numpy())
     rows = rows[sample_rows(len(rows), cfg.index.recall_sample, cfg.seed)]  # the guard's sample
     src, sample = _vectors_file(emb.query_vecs, work, "guard"), work / "guard-rows.npy"
     np.save(sample, rows)
@@ -155,8 +155,7 @@ def topics_stage(workers: Workers, cfg: Config, emb: Embedded, mined: Mined,
     from curate.batch.stage import train_queries
 
     train_q = train_queries(mined)
-    q_row = emb.query_row
-    rows = np.array([q_row[q] for q in train_q], dtype=np.int64)
+    rows = emb.query_rows(train_q)
     src = _vectors_file(emb.query_vecs, work, "topic")
     np.save(work / "topic-rows.npy", rows)
     labels = workers.client.submit(

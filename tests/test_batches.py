@@ -293,3 +293,12 @@ def test_n_topics_for():
     assert n_topics_for(10, 0, 32) == 1  # fewer queries than a batch
     assert n_topics_for(100, 5, 32) == 5  # requested wins
     assert n_topics_for(3, 10, 32) == 3  # but never more than the queries
+
+
+def test_text_hash_column_is_the_u64_prefix_of_the_text_hash():
+    from curate.text import text_hash
+
+    corpus = pl.DataFrame({"doc_id": ["a", "b"], "title": ["T", ""], "text": ["x y", "Z"]})
+    got = add_text_hash(corpus)["hash"]
+    assert got.dtype == pl.UInt64
+    assert got.to_list() == [int(text_hash("T x y")[:16], 16), int(text_hash(" Z")[:16], 16)]

@@ -333,3 +333,25 @@ def test_kept_negative_of_a_query_is_never_forbidden_for_it():
     kept = {d for p in range(2) for d in negs(res, p)}
     forbidden = {d for _, d, _ in res.forbidden}
     assert kept & forbidden == set()
+
+
+def test_pair_blocks_take_rows_by_join_and_keep_pair_order():
+    """Ids to rows without a dict of every doc: pairs of a query need not be contiguous, and a
+    block keeps its pairs in the order of the input."""
+    import polars as pl
+
+    from curate.mine.stage import pair_blocks
+    from curate.records import Embedded
+
+    emb = Embedded(["d0", "d1", "d2", "d3"], np.zeros((4, 2), np.float32), ["qa", "qb", "qc"],
+                   np.zeros((3, 2), np.float32))  # fmt: skip
+    assert isinstance(emb.doc_ids, pl.Series) and emb.doc_rows(["d3", "zz"]).tolist() == [3, -1]
+    pairs = pl.DataFrame({"query_id": ["qc", "qa", "qc", "qb"], "doc_id": ["d2", "d0", "d3", "d1"]})
+    known = {"qc": ["d3", "d2"], "qa": ["d0"], "qb": ["d1", "d0"]}
+    first, second = pair_blocks(pairs, known, emb, size=2)
+    assert first.query_ids == ["qc", "qa"] and first.query_rows.tolist() == [2, 0]
+    assert first.pair_query.tolist() == [0, 1, 0] and first.pair_pos.tolist() == [2, 0, 3]
+    assert first.pos_ids == ["d2", "d0", "d3"]
+    assert [k.tolist() for k in first.known] == [[2, 3], [0]]
+    assert second.query_ids == ["qb"] and second.pair_query.tolist() == [0]
+    assert second.pair_pos.tolist() == [1] and [k.tolist() for k in second.known] == [[0, 1]]

@@ -9,11 +9,19 @@ import polars as pl
 
 from curate.text import text_hash
 
+_HASH_CHUNK = 100_000  # texts turned into Python strings at a time
+
 
 def add_text_hash(corpus: pl.DataFrame) -> pl.DataFrame:
-    """Adds ``hash``: of title + text, normalised, so case/punctuation variants collide."""
-    joined = (corpus["title"] + " " + corpus["text"]).to_list()
-    return corpus.with_columns(pl.Series("hash", [text_hash(t) for t in joined], pl.String))
+    """Adds ``hash``: the first 64 bits of the text hash of title + text, normalised, so
+    case/punctuation variants collide. A u64 column computed chunk by chunk: a list of every
+    joined text and hex digest would be ~260 B a document in the driver."""
+    joined = corpus["title"] + " " + corpus["text"]
+    out = np.empty(len(joined), np.uint64)
+    for s in range(0, len(joined), _HASH_CHUNK):
+        chunk = joined.slice(s, _HASH_CHUNK).to_list()
+        out[s : s + len(chunk)] = [int(text_hash(t)[:16], 16) for t in chunk]
+    return corpus.with_columns(pl.Series("hash", out, pl.UInt64))
 
 
 def canonical_ids(corpus: pl.DataFrame) -> pl.DataFrame:

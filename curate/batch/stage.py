@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -43,9 +44,9 @@ def canonical_map(cfg: Config, read: Read, emb: Embedded) -> tuple[dict[str, str
     info = {"exact_duplicates": len(canon)}
     if cfg.dedup.semantic_threshold is not None:
         doc_ids = emb.doc_ids
-        keep = [i for i, d in enumerate(doc_ids) if d not in canon]
+        keep = np.flatnonzero(~doc_ids.is_in(list(canon)).to_numpy())
         merged = dedup.semantic_duplicates(
-            [doc_ids[i] for i in keep], emb.doc_vecs[keep], cfg.dedup.semantic_threshold,
+            doc_ids.gather(keep).to_list(), emb.doc_vecs[keep], cfg.dedup.semantic_threshold,
             cfg.dedup.clusters, cfg.seed,
         )
         sem = {d: c for d, c, _ in merged}  # canonical docs merged into another
@@ -91,10 +92,9 @@ def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined,
     canon, dedup_info = canonical_map(cfg, read, emb)
     mined_df = pl.from_arrow(mined.pairs)
     if topic_of is None:
-        train_q, q_row = train_queries(mined), emb.query_row
-        topic_of = query_topics(
-            train_q, emb.query_vecs[[q_row[q] for q in train_q]], cfg.batch, cfg.seed
-        )
+        train_q = train_queries(mined)
+        topic_of = query_topics(train_q, emb.query_vecs[emb.query_rows(train_q)], cfg.batch,
+                                cfg.seed)  # fmt: skip
     # Under canonical ids, as the shards: the mask then catches a rejected doc's twin too.
     forbidden = canonical_forbidden(mined.forbidden, canon)
     rows_df, rows, stats = build_rows(

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,11 @@ def fingerprint(cfg: Config, model: Model, emb: Embedded) -> str:
     src = npy_file(emb.doc_vecs)
     named = src is not None and Path(src).name.startswith(("vectors-", "given-"))
     vecs = Path(src).name if named else str(float(emb.doc_vecs.sum()))
-    return content_hash([
-        model.fingerprint, json.dumps(dataclasses.asdict(cfg.index), sort_keys=True),
-        *emb.doc_ids, str(emb.doc_vecs.shape), vecs,
-    ])  # fmt: skip
+    settings = json.dumps(dataclasses.asdict(cfg.index), sort_keys=True)
+    # The ids streamed from their column: unpacked into a list they would be a Python object
+    # per document.
+    return content_hash(chain([model.fingerprint, settings], emb.doc_ids,
+                              [str(emb.doc_vecs.shape), vecs]))  # fmt: skip
 
 
 def is_built(work: Path, fp: str) -> bool:
@@ -54,9 +56,9 @@ def write_inputs(work: Path, read: Read, emb: Embedded) -> None:
     else:
         with atomic_path(work / "doc_vecs.npy", ".tmp.npy") as tmp:  # never into a linked file
             np.save(tmp, emb.doc_vecs)
-    hashes = [int(h[:16], 16) for h in read.corpus["hash"]]
-    np.save(work / "doc_hash.npy", np.array(hashes, dtype=np.uint64))
-    write_table(work / "doc_ids.parquet", pa.table({"doc_id": emb.doc_ids}))
+    np.save(work / "doc_hash.npy", read.corpus["hash"].to_numpy().astype(np.uint64))
+    write_table(work / "doc_ids.parquet",
+                pa.table({"doc_id": emb.doc_ids.to_arrow().cast(pa.string())}))
 
 
 def mark_built(work: Path, fp: str, cfg: Config, model: Model, emb: Embedded) -> None:

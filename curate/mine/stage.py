@@ -16,29 +16,40 @@ from curate.effective import effective_settings
 from curate.files import write_json
 from curate.mine import ceiling, fncheck
 from curate.mine.negatives import PairBlock
-from curate.records import Embedded, Indexed, Mined, Read
+from curate.records import Embedded, Indexed, Mined, Read, rows_of
 from curate.text import LazyMap, content_hash
 
 
-def pair_blocks(pairs: pl.DataFrame, known: dict[str, list[str]], q_row: dict, d_row: dict,
+def pair_blocks(pairs: pl.DataFrame, known: dict[str, list[str]], emb: Embedded,
                 size: int) -> list[PairBlock]:
     """Training pairs grouped by query into blocks of ``size`` queries, in integer form; the
-    query vectors stay in their file (``query_rows``): the mine task reads them."""
-    qids = pairs["query_id"].unique(maintain_order=True).to_list()
-    blocks = []
-    for start in range(0, len(qids), size):
-        ids = qids[start : start + size]
-        local = {q: i for i, q in enumerate(ids)}
-        sub = pairs.filter(pl.col("query_id").is_in(ids))
+    query vectors stay in their file (``query_rows``): the mine task reads them. Rows come from
+    joins on the id columns, not from dicts of every doc id."""
+    qids = pairs["query_id"].unique(maintain_order=True)
+    q_rows = emb.query_rows(qids)
+    qi = rows_of(qids, pairs["query_id"])  # each pair's query, by first appearance
+    pos = emb.doc_rows(pairs["doc_id"])
+    # Stable by block: a block's pairs keep their order in ``pairs``.
+    order = np.argsort(qi // size, kind="stable")
+    ends = np.searchsorted(qi[order] // size, np.arange(1, -(-len(qids) // size) + 1))
+    pos_ids = pairs["doc_id"]
+    qid_list = qids.to_list()
+    blocks, start_pair = [], 0
+    for b, stop_pair in enumerate(ends.tolist()):
+        ids = qid_list[b * size : (b + 1) * size]
+        take = order[start_pair:stop_pair]
+        start_pair = stop_pair
+        flat = [d for q in ids for d in known[q]]
+        known_rows = np.split(emb.doc_rows(flat), np.cumsum([len(known[q]) for q in ids])[:-1])
         blocks.append(
             PairBlock(
                 query_ids=ids,
                 query_vecs=None,
-                pair_query=np.array([local[q] for q in sub["query_id"]], dtype=np.int64),
-                pair_pos=np.array([d_row[d] for d in sub["doc_id"]], dtype=np.int64),
-                known=[np.array(sorted(d_row[d] for d in known[q]), dtype=np.int64) for q in ids],
-                pos_ids=sub["doc_id"].to_list(),
-                query_rows=np.array([q_row[q] for q in ids], dtype=np.int64),
+                pair_query=qi[take] - b * size,
+                pair_pos=pos[take],
+                known=[np.sort(r[r >= 0]) for r in known_rows],
+                pos_ids=pos_ids.gather(take).to_list(),
+                query_rows=q_rows[b * size : (b + 1) * size],
             )
         )
     return blocks  # fmt: skip
@@ -46,7 +57,7 @@ def pair_blocks(pairs: pl.DataFrame, known: dict[str, list[str]], q_row: dict, d
 
 def blocks(read: Read, emb: Embedded, indexed: Indexed, size: int) -> list[PairBlock]:
     """The run's training pairs as blocks, each reading doc texts for the n-gram rule."""
-    out = pair_blocks(read.pairs, read.known, emb.query_row, emb.doc_row, size)
+    out = pair_blocks(read.pairs, read.known, emb, size)
     for b in out:
         b.doc_texts = str(indexed.work / "doc_texts.arrow")
     return out
@@ -59,9 +70,11 @@ def calibrate_ceiling(cfg: Config, read: Read, emb: Embedded,
     folder, so a rerun over the same embeddings and positives does not search again."""
     if cfg.mine.calibrate_ceiling is None:
         return cfg.mine, None
-    d_row, q_row = emb.doc_row, emb.query_row
     queries = read.pairs["query_id"].unique(maintain_order=True).to_list()
-    positives = [[d for d in read.known.get(q, []) if d in d_row] for q in queries]
+    every = [read.known.get(q, []) for q in queries]
+    found = np.split(emb.doc_rows([d for ds in every for d in ds]),
+                     np.cumsum([len(ds) for ds in every])[:-1])  # fmt: skip
+    positives = [[d for d, r in zip(ds, rs) if r >= 0] for ds, rs in zip(every, found)]
     key = content_hash(
         [
             indexed.fingerprint,
@@ -74,10 +87,10 @@ def calibrate_ceiling(cfg: Config, read: Read, emb: Embedded,
     if path.is_file():
         cal = ceiling.Calibration(**json.loads(path.read_text()))
     else:
-        rows = [np.array([d_row[d] for d in ds], dtype=np.int64) for ds in positives]
+        rows = [rs[rs >= 0] for rs in found]
         cal = ceiling.calibrate(
             emb.doc_vecs,
-            emb.query_vecs[[q_row[q] for q in queries]],
+            emb.query_vecs[emb.query_rows(queries)],
             rows,
             cfg.mine,
             cfg.mine.calibrate_ceiling,

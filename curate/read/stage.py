@@ -74,5 +74,8 @@ def read(cfg: Config) -> Read:
     pairs = train_pairs(ds, cfg)
     config_rules.check_data(cfg, pairs.height)
     known = known_positives(ds, cfg.data.train_split)
-    corpus = dedup.add_text_hash(ds.corpus)
-    return Read(ds, corpus, doc_text_series(corpus), pairs, known)
+    texts = doc_text_series(ds.corpus)
+    # The raw title and text columns go: the joined texts are what every later stage reads,
+    # and one copy of the corpus's text is the driver's largest object.
+    corpus = dedup.add_text_hash(ds.corpus).select("doc_id", "hash")
+    return Read(dataclasses.replace(ds, corpus=corpus), corpus, texts, pairs, known)
