@@ -100,7 +100,8 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
             return stop("mine")
         with clock("curate"):  # topics in a task, then the batches and shards
             topic_of = stages.topics_stage(workers, cfg, emb, mined, work)
-            curated = batch.curate(cfg, out, read, emb, mined, topic_of)
+            curated = batch.curate(cfg, out, read, emb, mined, topic_of,
+                                   tasks=stages.shard_tasks(workers))
         result = {"output_dir": str(out), "shards": str(curated.shards),
                   "manifest": curated.summary, "effective": curated.summary["effective"]}
         if stop_after == "batch":

@@ -180,6 +180,18 @@ def _topics_task(src: str, rows: str, bcfg, seed: int, out: str, threads: int) -
     return out
 
 
+def shard_tasks(workers: Workers):
+    """The batch stage's runner of shard tasks: one task per shard, results in order."""
+    from pipelines.cluster import gather
+
+    def run(fn, args: list[tuple], label: str) -> list:
+        futures = [workers.client.submit(fn, *a, key=f"{label}-{content_hash(map(str, a))}",
+                                         pure=False) for a in args]  # fmt: skip
+        return gather(workers, futures, label)
+
+    return run
+
+
 def train_stage(cfg: Config, out: Path, model: Model) -> Path:
     from train.train import train
 

@@ -173,3 +173,39 @@ def test_texts_filled_shard_by_shard_write_the_same_bytes(tmp_path):
     streamed = write_shards(plain, tmp_path / "b", 2, fill=fill)
     assert [r["sha256"] for r in streamed] == [r["sha256"] for r in whole]
     assert seen == [5, 3, 2]  # batches of 2+3, 1+2, 2 rows: one call per shard
+
+
+def test_shards_written_by_tasks_from_row_numbers_are_the_same_bytes(tmp_path):
+    """The cluster path: the rows staged with their docs' row numbers, each shard written by a
+    task that reads the texts from the memory-mapped corpus text file and is renamed into
+    place by the driver. Same bytes as the whole table written at once, nothing left over."""
+    from curate.batch.curation import TEXT_COLUMNS, TextColumn, text_rows
+    from curate.batch.stage import _Staged
+    from curate.mine.negatives import write_doc_texts
+    from curate.records import rows_of
+
+    full = shard_table()
+    plain = full.drop_columns(list(TEXT_COLUMNS))
+    flat = {c: full[c].combine_chunks().flatten().to_pylist() for c in ("neg_ids", "negs")}
+    text = dict(zip([*full["pos_id"].to_pylist(), *flat["neg_ids"]],
+                    [*full["pos"].to_pylist(), *flat["negs"]]))  # fmt: skip
+    ids = pl.Series(sorted(text), dtype=pl.String)
+    work = tmp_path / "run" / "work"
+    work.mkdir(parents=True)
+    write_doc_texts(work / "doc_texts.arrow", [text[d] for d in ids])
+    queries = TextColumn(full["query_id"].to_pylist(), full["query"].to_pylist())
+    known = pl.DataFrame({"query_id": full["query_id"].to_pylist(),
+                          "known_pos_ids": full["known_pos_ids"].to_pylist()}).unique("query_id")
+    staged = _Staged(work / "shards-staging", text_rows(plain, lambda s: rows_of(ids, s),
+                                                        queries), known)  # fmt: skip
+    calls = []
+
+    def run(fn, args, label):  # one process: the pipeline tests run these on a cluster
+        calls.append(len(args))
+        return [fn(*a) for a in args]
+
+    whole = write_shards(full, tmp_path / "a", 2)
+    by_tasks = write_shards(plain, tmp_path / "c", 2, write_many=lambda j: staged.write(j, run))
+    assert [r["sha256"] for r in by_tasks] == [r["sha256"] for r in whole]
+    assert calls == [3] and sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        r["path"] for r in whole]  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -124,11 +125,58 @@ def with_texts(rows: pa.Table, doc_text: TextColumn, query_text: TextColumn,
                known: pl.DataFrame) -> pa.Table:
     """Rows of shard_table (one shard's) -> the SHARD table: the query, positive and negative
     texts looked up by id, and the query's known positives (``known_table``)."""
+    return _shard_rows(rows, query_text.take(rows.column("query_id")),
+                       doc_text.take(rows.column("pos_id")),
+                       doc_text.take_lists(rows.column("neg_ids")), known)  # fmt: skip
+
+
+def with_row_texts(rows: pa.Table, texts: pa.ChunkedArray, known: pl.DataFrame) -> pa.Table:
+    """``with_texts`` for rows that carry their query text and their docs' numbers (``query``,
+    ``pos_row``, ``neg_rows``: ``text_rows``): the texts taken by number from the corpus's
+    text column (a memory-mapped file in a worker), no id looked up."""
+    negs = rows.column("neg_rows").combine_chunks()
+    offsets = pc.subtract(negs.offsets, negs.offsets[0])
+    neg_texts = texts.take(negs.flatten()).combine_chunks().cast(pa.string())
+    return _shard_rows(rows, rows.column("query").combine_chunks(),
+                       texts.take(rows.column("pos_row")).combine_chunks().cast(pa.string()),
+                       pa.ListArray.from_arrays(offsets, neg_texts), known)  # fmt: skip
+
+
+def text_rows(table: pa.Table, doc_rows, query_text: TextColumn) -> pa.Table:
+    """The shard table plus what ``with_row_texts`` reads instead of ids: the query text and the
+    row number of the positive and of every negative (``doc_rows``: ids -> numbers)."""
+    negs = table.column("neg_ids").combine_chunks()
+    offsets = pc.subtract(negs.offsets, negs.offsets[0])
+    neg_rows = pa.array(doc_rows(pl.from_arrow(negs.flatten())), pa.int64())
+    pos_rows = pa.array(doc_rows(pl.from_arrow(table.column("pos_id"))), pa.int64())
+    if pc.any(pc.less(neg_rows, 0)).as_py() or pc.any(pc.less(pos_rows, 0)).as_py():
+        raise KeyError("a shard row names a doc id the corpus does not hold")  # a bug, not input
+    return table.append_column("query", query_text.take(table.column("query_id"))).append_column(
+        "pos_row", pos_rows
+    ).append_column("neg_rows", pa.ListArray.from_arrays(offsets, neg_rows))
+
+
+def fill_shard(rows_path: str, start: int, bounds: tuple[int, ...], out_path: str,
+               texts_path: str, known_path: str) -> str:
+    """A worker task: rows ``start`` .. of the staged shard rows (``text_rows``, an Arrow file)
+    -> one shard file at ``out_path``, its texts read from the memory-mapped corpus texts and
+    its queries' known positives from ``known_path``. Arguments are paths and numbers: the
+    scheduler carries no text."""
+    from curate.batch.shards import write_shard
+    from curate.mine.negatives import load_doc_texts
+
+    rows = pa.ipc.open_file(pa.memory_map(rows_path)).read_all().slice(start, bounds[-1])
+    queries = pl.from_arrow(rows.column("query_id")).unique()
+    known = pl.scan_parquet(known_path).filter(pl.col("query_id").is_in(queries.implode()))
+    filled = with_row_texts(rows, load_doc_texts(texts_path), known.collect())
+    write_shard(filled, bounds, Path(out_path))
+    return out_path
+
+
+def _shard_rows(rows: pa.Table, query, pos, negs, known: pl.DataFrame) -> pa.Table:
     want = pl.DataFrame({"query_id": pl.from_arrow(rows.column("query_id"))})
     kp = want.join(known, on="query_id", how="left", maintain_order="left")["known_pos_ids"]
-    filled = {"query": query_text.take(rows.column("query_id")),
-              "pos": doc_text.take(rows.column("pos_id")),
-              "negs": doc_text.take_lists(rows.column("neg_ids")),
+    filled = {"query": query, "pos": pos, "negs": negs,
               "known_pos_ids": _arrow(kp, pa.list_(pa.string()))}  # fmt: skip
     return pa.table([filled[f.name] if f.name in filled else rows.column(f.name)
                      for f in schema.SHARD], schema=schema.SHARD)  # fmt: skip

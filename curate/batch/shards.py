@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -55,12 +58,33 @@ def written_here(shard_dir: Path) -> list[str]:
     return ours
 
 
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard file: rows ``start`` to ``start + bounds[-1]`` of the table, one row group per
+    batch between consecutive ``bounds`` (relative to ``start``)."""
+
+    name: str
+    start: int
+    bounds: tuple[int, ...]
+
+
+def write_shard(part: pa.Table, bounds: tuple[int, ...], path: Path) -> None:
+    """One shard's SHARD table -> ``path`` (temp name, then rename), a row group per batch."""
+    schema.check(part, schema.SHARD, "shards")
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, part.schema, **PARQUET_OPTS) as w:
+        for a, b in zip(bounds, bounds[1:]):
+            w.write_table(part.slice(a, b - a))
+
+
 def write_shards(table: pa.Table, out_dir: Path, batches_per_shard: int,
-                 fill: Callable[[pa.Table], pa.Table] | None = None) -> list[dict]:
+                 fill: Callable[[pa.Table], pa.Table] | None = None,
+                 write_many: Callable[[list[ShardJob]], list[Path]] | None = None) -> list[dict]:
     """``table`` (SHARD schema) sorted by batch_id -> shard files; returns their file records.
     ``fill``: a shard's rows -> its SHARD table (e.g. the texts looked up), called once per shard
-    so that only one shard's worth of text is ever built."""
-    if fill is None:
+    so that only one shard's worth of text is ever built. ``write_many``: writes every job's
+    shard elsewhere (worker tasks, outside ``out_dir``) and returns the files in job order,
+    renamed into place here one by one."""
+    if fill is None and write_many is None:
         schema.check(table, schema.SHARD, "shards")
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = written_here(out_dir)  # read before the manifest that lists them goes
@@ -69,29 +93,32 @@ def write_shards(table: pa.Table, out_dir: Path, batches_per_shard: int,
     (out_dir / MANIFEST).unlink(missing_ok=True)  # where an older curate wrote it
     for name in stale:  # a rerun with other settings may write fewer shards
         (out_dir / name).unlink(missing_ok=True)
-    batch_ids = table.column("batch_id").to_numpy()
-    bounds = [0, *(i for i in range(1, len(batch_ids)) if batch_ids[i] != batch_ids[i - 1])]
-    bounds.append(len(batch_ids))
-    n_files = -(-(len(bounds) - 1) // batches_per_shard)
-    names = [f"shard-{s:05d}.parquet" for s in range(n_files)]
-    write_json(_ledger(out_dir), {"files": names})  # before any is written: a crash forgets none
+    jobs = shard_jobs(table.column("batch_id").to_numpy(), batches_per_shard)
+    write_json(_ledger(out_dir), {"files": [j.name for j in jobs]})  # a crash forgets none
+    staged = write_many(jobs) if write_many is not None else [None] * len(jobs)
     records = []
+    for job, src in zip(jobs, staged, strict=True):
+        path = out_dir / job.name
+        if src is None:
+            part = table.slice(job.start, job.bounds[-1])
+            write_shard(fill(part) if fill is not None else part, job.bounds, path)
+        else:
+            os.replace(src, path)
+        faults.reached("shard")  # test-only crash point
+        records.append({"path": path.name, "batches": len(job.bounds) - 1,
+                        "rows": job.bounds[-1], "sha256": sha256(path)})  # fmt: skip
+    return records
+
+
+def shard_jobs(batch_ids: np.ndarray, batches_per_shard: int) -> list[ShardJob]:
+    """Rows sorted by batch id -> the shard files, ``batches_per_shard`` batches each."""
+    bounds = [0, *(np.flatnonzero(np.diff(batch_ids)) + 1).tolist(), len(batch_ids)]
+    jobs = []
     for s, first in enumerate(range(0, len(bounds) - 1, batches_per_shard)):
         last = min(first + batches_per_shard, len(bounds) - 1)
-        path = out_dir / f"shard-{s:05d}.parquet"
-        part = table.slice(bounds[first], bounds[last] - bounds[first])
-        if fill is not None:
-            part = fill(part)
-            schema.check(part, schema.SHARD, "shards")
-        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, part.schema, **PARQUET_OPTS) as w:
-            for b in range(first, last):
-                w.write_table(part.slice(bounds[b] - bounds[first], bounds[b + 1] - bounds[b]))
-        faults.reached("shard")  # test-only crash point
-        records.append(
-            {"path": path.name, "batches": last - first, "rows": bounds[last] - bounds[first],
-             "sha256": sha256(path)}
-        )
-    return records
+        rel = tuple(b - bounds[first] for b in bounds[first : last + 1])
+        jobs.append(ShardJob(f"shard-{s:05d}.parquet", bounds[first], rel))
+    return jobs
 
 
 class MissingManifestError(CurateError, FileNotFoundError):

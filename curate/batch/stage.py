@@ -4,6 +4,8 @@ and the manifest (written last: it marks the shards complete)."""
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +18,14 @@ from curate.batch.curation import (
     TextColumn,
     build_rows,
     canonical_forbidden,
+    fill_shard,
     funnel_balance,
     known_table,
     query_topics,
     shard_counts,
     shard_funnel,
     shard_table,
+    text_rows,
     with_texts,
 )
 from curate.config import Config
@@ -32,6 +36,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "curate-shards/1"
 FORBIDDEN_FILE = "forbidden.parquet"  # beside shards/, not in it: the folder loads as one table
+# (function, argument tuples, label) -> their results, in order: the shard tasks' runner
+Tasks = Callable[[Callable, list[tuple], str], list]
 
 
 def canonical_map(cfg: Config, read: Read, emb: Embedded) -> tuple[dict[str, str], dict]:
@@ -85,10 +91,11 @@ def train_queries(mined: Mined) -> list[str]:
 
 
 def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined,
-           topic_of: dict[str, int] | None = None) -> Curated:
+           topic_of: dict[str, int] | None = None, tasks: Tasks | None = None) -> Curated:
     """Shards, forbidden pairs and manifest under ``out``; every count from what was written.
     ``topic_of``: each training query's topic when computed elsewhere (a worker task), else
-    here from the query vectors."""
+    here from the query vectors. ``tasks``: runs the shard writers on the cluster (they read
+    the doc texts from the index's files there), else they run here."""
     canon, dedup_info = canonical_map(cfg, read, emb)
     mined_df = pl.from_arrow(mined.pairs)
     if topic_of is None:
@@ -102,12 +109,19 @@ def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined,
     )
     table, batch_stats, fate = shard_table(rows_df, rows, cfg.batch, cfg.seed,
                                            cfg.mine.num_negatives)
-    doc_text = TextColumn(read.corpus["doc_id"], read.texts)
     query_text = TextColumn(read.dataset.queries["query_id"], read.dataset.queries["text"])
     known = known_table(rows)
     shard_dir = out / "shards"
-    files = shards.write_shards(table, shard_dir, cfg.batch.batches_per_shard,
-                                fill=lambda part: with_texts(part, doc_text, query_text, known))
+    if tasks is None:
+        doc_text = TextColumn(read.corpus["doc_id"], read.texts)
+        files = shards.write_shards(table, shard_dir, cfg.batch.batches_per_shard,
+                                    fill=lambda part: with_texts(part, doc_text, query_text, known))
+    else:
+        staged = _Staged(out / "work" / "shards-staging",
+                         text_rows(table, emb.doc_rows, query_text), known)  # fmt: skip
+        files = shards.write_shards(table, shard_dir, cfg.batch.batches_per_shard,
+                                    write_many=lambda jobs: staged.write(jobs, tasks))
+        shutil.rmtree(staged.folder)
     write_table(out / FORBIDDEN_FILE, forbidden)
     # The funnel runs on to the negatives in the shards.
     funnel = shard_funnel(mined.funnel, stats["neg_dropped_as_duplicate"], fate)
@@ -130,6 +144,25 @@ def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined,
     shards.write_manifest(shard_dir, manifest)  # last: marks the shards complete
     keys = ("counts", "funnel", "warnings", "effective", *mined.checks)
     return Curated(shard_dir, {k: manifest[k] for k in keys})
+
+
+class _Staged:
+    """The shard rows (with their texts' row numbers) and the known positives as files in
+    ``folder``, for shard tasks to read; the folder is emptied first (a crashed run's files)."""
+
+    def __init__(self, folder: Path, rows: pa.Table, known: pl.DataFrame):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        self.folder, self.rows, self.known = folder, folder / "rows.arrow", folder / "known.parquet"
+        with pa.OSFile(str(self.rows), "wb") as sink, pa.ipc.new_file(sink, rows.schema) as w:
+            w.write_table(rows)
+        known.write_parquet(self.known)
+        self.texts = self.folder.parent / "doc_texts.arrow"  # the index stage's
+
+    def write(self, jobs: list[shards.ShardJob], tasks: Tasks) -> list[Path]:
+        args = [(str(self.rows), j.start, j.bounds, str(self.folder / j.name), str(self.texts),
+                 str(self.known)) for j in jobs]  # fmt: skip
+        return [Path(p) for p in tasks(fill_shard, args, "shards")]
 
 
 def _manifest(
