@@ -22,6 +22,7 @@ from curate.config import EmbedConfig
 from curate.embed import encoder as embed
 from curate.embed import plan as embed_plan
 from curate.files import atomic_path, write_table
+from curate.read.stage import text_list
 from curate.records import id_series
 from curate.text import content_hash
 from pipelines.cluster import Workers, gather
@@ -45,8 +46,7 @@ def embed_texts(
     file by row range and write their vectors to files: no text or vector is a task argument or
     result."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    if hasattr(texts, "to_list"):  # a polars Series: the plan below takes texts by row
-        texts = texts.to_list()
+    texts = text_list(texts)  # an Arrow or polars column: the plan below takes texts by row
     settings = {k: v for k, v in asdict(cfg).items() if k != "partition_size"}
     settings = json.dumps({**settings, "compute_dtype": embed.local_dtype(cfg)}, sort_keys=True)
     source = _TextsFile(cache_dir, ids, texts)

@@ -57,7 +57,9 @@ def canonical_map(cfg: Config, read: Read, emb: Embedded) -> tuple[dict[str, str
         )
         sem = {d: c for d, c, _ in merged}  # canonical docs merged into another
         canon = {**{d: sem.get(c, c) for d, c in canon.items()}, **sem}
-        text = dict(zip(doc_ids, read.texts))
+        shown = [x for d, c, _ in merged[:10] for x in (d, c)]  # the examples' texts only
+        text = dict(zip(shown, TextColumn(read.corpus["doc_id"], read.texts).take(shown)
+                        .to_pylist()))  # fmt: skip
         info["semantic_duplicates"] = len(merged)
         info["semantic_examples"] = [
             {"doc_id": d, "canonical_id": c, "cosine": s, "doc": text[d][:200],

@@ -45,20 +45,28 @@ def is_built(work: Path, fp: str) -> bool:
 
 def write_inputs(work: Path, read: Read, emb: Embedded) -> None:
     """Doc texts (n-gram rule), vectors, text hashes and ids, as the mine tasks read them."""
-    write_doc_texts(work / "doc_texts.arrow", read.texts)
+    if read.texts_file is not None:
+        _link(read.texts_file, work / "doc_texts.arrow")  # the read stage's file: no text read here
+    else:
+        write_doc_texts(work / "doc_texts.arrow", read.texts)
     if source := npy_file(emb.doc_vecs):
-        with atomic_path(work / "doc_vecs.npy") as tmp:  # no vector passes through the driver
-            tmp.unlink(missing_ok=True)  # a crashed run's name: never write through it
-            try:  # a second name for the same bytes (15 GB at 10M x 384), else a copy
-                os.link(source, tmp)
-            except OSError:
-                shutil.copyfile(source, tmp)
+        _link(source, work / "doc_vecs.npy")  # no vector passes through the driver
     else:
         with atomic_path(work / "doc_vecs.npy", ".tmp.npy") as tmp:  # never into a linked file
             np.save(tmp, emb.doc_vecs)
     np.save(work / "doc_hash.npy", read.corpus["hash"].to_numpy().astype(np.uint64))
     write_table(work / "doc_ids.parquet",
                 pa.table({"doc_id": emb.doc_ids.to_arrow().cast(pa.string())}))
+
+
+def _link(source: str, path: Path) -> None:
+    """A second name for the same bytes (15 GB of vectors at 10M x 384), else a copy."""
+    with atomic_path(path) as tmp:
+        tmp.unlink(missing_ok=True)  # a crashed run's name: never write through it
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
 
 
 def mark_built(work: Path, fp: str, cfg: Config, model: Model, emb: Embedded) -> None:

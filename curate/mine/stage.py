@@ -110,7 +110,7 @@ def check(cfg: Config, read: Read, emb: Embedded, indexed: Indexed, mined: Mined
         mined.funnel,
         mined.known,
         LazyMap(lambda: read.query_text),
-        LazyMap(lambda: dict(zip(emb.doc_ids, read.texts))),
+        LazyMap(lambda: read.doc_text),
     )
     checks["index_recall"] = indexed.recall
     checks["effective"] = effective_settings(

@@ -4,8 +4,13 @@ doc texts), everything checked before the output folder is touched."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 
 from curate import config_rules, storage
 from curate.batch import dedup
@@ -13,6 +18,8 @@ from curate.config import Config, DataConfig
 from curate.read import vectors
 from curate.read.dataset import Dataset, read_dataset
 from curate.records import Read
+
+TEXTS_FILE = "doc_texts.arrow"
 
 
 def resolve_data(cfg: Config) -> DataConfig:
@@ -35,6 +42,26 @@ def doc_text_series(corpus: pl.DataFrame) -> pl.Series:
     title, text = pl.col("title").fill_null(""), pl.col("text").fill_null("")
     joined = pl.when((title == "") | text.str.starts_with(title)).then(text)
     return corpus.select(joined.otherwise(title + " " + text).alias("text"))["text"]
+
+
+def mapped_texts(texts: pl.Series) -> tuple[pa.ChunkedArray, str]:
+    """The texts written once to an uncompressed Arrow file in a private temporary folder (the
+    output folder is not claimed yet) and memory-mapped from it: the driver then holds no text,
+    and the index stage links the file in as the mine and shard tasks' ``doc_texts.arrow``.
+    ``read`` removes the folder when its record is garbage (or the process exits)."""
+    from curate.mine.negatives import load_doc_texts, write_doc_texts
+
+    folder = Path(tempfile.mkdtemp(prefix="curate-texts-"))
+    write_doc_texts(folder / TEXTS_FILE, texts)
+    return load_doc_texts(str(folder / TEXTS_FILE)), str(folder / TEXTS_FILE)
+
+
+def text_list(texts: pa.ChunkedArray | pl.Series | list[str]) -> list[str]:
+    """``Read.texts`` as Python strings, for the paths that need them (embedding, the
+    false-negative check's scorers)."""
+    if isinstance(texts, (pa.ChunkedArray, pa.Array, pl.Series)):
+        return texts.to_pylist() if not isinstance(texts, pl.Series) else texts.to_list()
+    return list(texts)
 
 
 def doc_texts(corpus: pl.DataFrame) -> list[str]:
@@ -74,8 +101,10 @@ def read(cfg: Config) -> Read:
     pairs = train_pairs(ds, cfg)
     config_rules.check_data(cfg, pairs.height)
     known = known_positives(ds, cfg.data.train_split)
-    texts = doc_text_series(ds.corpus)
+    texts, texts_file = mapped_texts(doc_text_series(ds.corpus))
     # The raw title and text columns go: the joined texts are what every later stage reads,
     # and one copy of the corpus's text is the driver's largest object.
     corpus = dedup.add_text_hash(ds.corpus).select("doc_id", "hash")
-    return Read(dataclasses.replace(ds, corpus=corpus), corpus, texts, pairs, known)
+    record = Read(dataclasses.replace(ds, corpus=corpus), corpus, texts, pairs, known, texts_file)
+    weakref.finalize(record, shutil.rmtree, Path(texts_file).parent, True)  # a mapping survives
+    return record
