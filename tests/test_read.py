@@ -441,22 +441,26 @@ def test_min_score_with_nothing_left_names_the_key(tmp_path):
         read(cfg)
 
 
-def test_read_record_holds_ids_and_hashes_and_maps_the_texts(tmp_path):
+def test_read_record_holds_ids_and_hashes_and_maps_the_texts(tmp_path, monkeypatch):
     """The driver keeps doc_id and a u64 hash of the corpus frame; the joined texts live in an
-    Arrow file it memory-maps (outside the unclaimed output folder), removed with the record."""
+    Arrow file it memory-maps (outside the unclaimed output folder), written a chunk of rows at
+    a time (one row here), removed with the record."""
     import gc
 
     import pyarrow as pa
 
     from curate.config import config_from_dict
+    from curate.read import stage
     from curate.read.stage import read
 
+    monkeypatch.setattr(stage, "_CHUNK", 1)
     out = tmp_path / "out"
     data = {"path": str(write_beir(tmp_path))}
     r = read(config_from_dict({"output_dir": str(out), "data": data}))
     assert r.corpus.columns == ["doc_id", "hash"] and r.corpus.schema["hash"] == pl.UInt64
     assert r.dataset.corpus is r.corpus
     assert isinstance(r.texts, pa.ChunkedArray) and r.texts.to_pylist() == ["t alpha", "beta"]
+    assert r.texts.num_chunks == 2
     folder = Path(r.texts_file).parent
     assert folder.is_dir() and not out.exists()  # nothing written in the output folder yet
     del r

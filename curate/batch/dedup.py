@@ -16,10 +16,10 @@ def add_text_hash(corpus: pl.DataFrame) -> pl.DataFrame:
     """Adds ``hash``: the first 64 bits of the text hash of title + text, normalised, so
     case/punctuation variants collide. A u64 column computed chunk by chunk: a list of every
     joined text and hex digest would be ~260 B a document in the driver."""
-    joined = corpus["title"] + " " + corpus["text"]
-    out = np.empty(len(joined), np.uint64)
-    for s in range(0, len(joined), _HASH_CHUNK):
-        chunk = joined.slice(s, _HASH_CHUNK).to_list()
+    out = np.empty(corpus.height, np.uint64)
+    for s in range(0, corpus.height, _HASH_CHUNK):
+        part = corpus.slice(s, _HASH_CHUNK)
+        chunk = (part["title"] + " " + part["text"]).to_list()
         out[s : s + len(chunk)] = [int(text_hash(t)[:16], 16) for t in chunk]
     return corpus.with_columns(pl.Series("hash", out, pl.UInt64))
 

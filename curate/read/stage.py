@@ -20,6 +20,7 @@ from curate.read.dataset import Dataset, read_dataset
 from curate.records import Read
 
 TEXTS_FILE = "doc_texts.arrow"
+_CHUNK = 100_000  # corpus rows joined (texts, hashes) at a time
 
 
 def resolve_data(cfg: Config) -> DataConfig:
@@ -44,16 +45,20 @@ def doc_text_series(corpus: pl.DataFrame) -> pl.Series:
     return corpus.select(joined.otherwise(title + " " + text).alias("text"))["text"]
 
 
-def mapped_texts(texts: pl.Series) -> tuple[pa.ChunkedArray, str]:
+def mapped_texts(corpus: pl.DataFrame) -> tuple[pa.ChunkedArray, str]:
     """The texts written once to an uncompressed Arrow file in a private temporary folder (the
     output folder is not claimed yet) and memory-mapped from it: the driver then holds no text,
     and the index stage links the file in as the mine and shard tasks' ``doc_texts.arrow``.
     ``read`` removes the folder when its record is garbage (or the process exits)."""
-    from curate.mine.negatives import load_doc_texts, write_doc_texts
+    from curate.mine.negatives import load_doc_texts
 
-    folder = Path(tempfile.mkdtemp(prefix="curate-texts-"))
-    write_doc_texts(folder / TEXTS_FILE, texts)
-    return load_doc_texts(str(folder / TEXTS_FILE)), str(folder / TEXTS_FILE)
+    path = Path(tempfile.mkdtemp(prefix="curate-texts-")) / TEXTS_FILE
+    schema = pa.schema([("text", pa.large_string())])  # as mine.negatives.write_doc_texts
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for start in range(0, corpus.height, _CHUNK):  # joined chunk by chunk: never all at once
+            part = doc_text_series(corpus.slice(start, _CHUNK)).to_arrow()
+            writer.write_batch(pa.record_batch([part.cast(pa.large_string())], schema=schema))
+    return load_doc_texts(str(path)), str(path)
 
 
 def text_list(texts: pa.ChunkedArray | pl.Series | list[str]) -> list[str]:
@@ -101,7 +106,7 @@ def read(cfg: Config) -> Read:
     pairs = train_pairs(ds, cfg)
     config_rules.check_data(cfg, pairs.height)
     known = known_positives(ds, cfg.data.train_split)
-    texts, texts_file = mapped_texts(doc_text_series(ds.corpus))
+    texts, texts_file = mapped_texts(ds.corpus)
     # The raw title and text columns go: the joined texts are what every later stage reads,
     # and one copy of the corpus's text is the driver's largest object.
     corpus = dedup.add_text_hash(ds.corpus).select("doc_id", "hash")
