@@ -219,7 +219,9 @@ def _check(frame: pl.DataFrame, path: Location, kind: str) -> pl.DataFrame:
         if dup := _first(seen, pl.col("_row") != pl.col("first")):
             problem = f"duplicate {col} {dup[col]!r} (first at row {dup['first']})"
             raise _fail(path, dup["_row"], problem, f"make every {col} unique")
-        return frame.with_columns(pl.col(c).fill_null("") for c in ("title", "text") if c in frame)
+        # Only columns with nulls are rewritten: a copy of every text is the read's largest cost.
+        nulls = [c for c in ("title", "text") if c in frame.columns and frame[c].null_count()]
+        return frame.with_columns(pl.col(c).fill_null("") for c in nulls) if nulls else frame
     score = pl.col("score").cast(pl.Float64, strict=False)
     if bad := _first(frame.with_columns(p=score), ~pl.col("p").is_finite().fill_null(False)):
         problem = f"score {bad['score']!r} is not a finite number"
@@ -304,7 +306,7 @@ def _drop_empty(frame: pl.DataFrame, path: Location, mode: str) -> tuple[pl.Data
     if skipped.len():
         head = skipped.head(5).to_list()
         log.warning("%s: skipped %d rows with empty text (first: %s)", path, skipped.len(), head)
-    return frame.filter(~empty), skipped
+    return (frame.filter(~empty) if skipped.len() else frame), skipped  # no copy when none is
 
 
 def _nothing_left(path: Location, kind: str, rows: int) -> DataError:
