@@ -215,8 +215,11 @@ def _check(frame: pl.DataFrame, path: Location, kind: str) -> pl.DataFrame:
             raise _fail(path, bad["_row"], f"{col} is null or empty", f"give every row an {col}")
     if kind != "qrels":
         (col,) = id_cols
-        seen = frame.with_columns(first=pl.col("_row").min().over(col))
-        if dup := _first(seen, pl.col("_row") != pl.col("first")):
+        # The row-by-row search only when some id repeats: its window over every id is a
+        # large transient at corpus scale.
+        repeats = frame.select(pl.col(col).is_duplicated().any()).item()
+        seen = frame.with_columns(first=pl.col("_row").min().over(col)) if repeats else None
+        if repeats and (dup := _first(seen, pl.col("_row") != pl.col("first"))):
             problem = f"duplicate {col} {dup[col]!r} (first at row {dup['first']})"
             raise _fail(path, dup["_row"], problem, f"make every {col} unique")
         # Only columns with nulls are rewritten: a copy of every text is the read's largest cost.
@@ -295,8 +298,11 @@ def _locate(
 def _drop_empty(frame: pl.DataFrame, path: Location, mode: str) -> tuple[pl.DataFrame, pl.Series]:
     """(kept rows, ids of skipped empty rows); raises instead when ``mode`` is "error"."""
     # A document is its title plus its text: an empty text under a real title is still a document.
-    title = pl.col("title") if "title" in frame.columns else pl.lit("")
-    empty = (title + pl.col("text")).str.strip_chars() == ""
+    # Both parts whitespace-only, tested without building title + text for every row.
+    blank = r"^\s*$"
+    empty = pl.col("text").str.contains(blank)
+    if "title" in frame.columns:
+        empty = empty & pl.col("title").str.contains(blank)
     id_col = frame.columns[0]
     if mode == "error" and (bad := _first(frame, empty)):
         problem = f"{id_col} {bad[id_col]!r} has empty or whitespace-only text"
