@@ -56,19 +56,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config")
     args = ap.parse_args()
-    from curate.batch import dedup
     from curate.config import config_from_dict
     from curate.read import dataset, stage
     from pipelines.cluster import arrow_system_allocator
 
     arrow_system_allocator()  # as the CLI does before the first Arrow buffer
     sampler, lines = Sampler(), []
-    for name in ("_load_parquet", "_load_jsonl", "_load_delimited", "_check", "_drop_empty",
-                 "_check_qrels"):  # fmt: skip
+    for name in ("_read_corpus", "_read", "_check_unique", "_check_qrels"):
         sampler.step(dataset, name, lines)
-    for name in ("train_pairs", "known_positives", "mapped_texts"):
+    for name in ("train_pairs", "known_positives"):
         sampler.step(stage, name, lines)
-    sampler.step(dedup, "add_text_hash", lines)
     cfg = config_from_dict(yaml.safe_load(Path(args.config).read_text()))
     start = rss_mb()
     read = stage.read(cfg)

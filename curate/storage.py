@@ -169,6 +169,24 @@ class Location:
         fs, path = self._fs()
         return pl.from_arrow(pq.read_table(path, filesystem=fs, columns=columns))
 
+    def parquet_batches(self, columns: list[str], rows: int) -> Iterator:
+        """``columns`` of a Parquet file as polars frames of up to ``rows`` rows, in order; one
+        empty frame (the file's schema) when it holds none."""
+        import polars as pl
+        import pyarrow.parquet as pq
+
+        if self.remote:
+            fs, path = self._fs()
+            pf = pq.ParquetFile(path, filesystem=fs)
+        else:
+            pf = pq.ParquetFile(self.text)
+        seen = False
+        for batch in pf.iter_batches(batch_size=rows, columns=columns):
+            seen = True
+            yield pl.from_arrow(batch)
+        if not seen:
+            yield pl.from_arrow(pf.schema_arrow.empty_table().select(columns))
+
     def parquet_columns(self) -> list[str]:
         """The column names in a Parquet file's footer (nothing else is read)."""
         import pyarrow.parquet as pq

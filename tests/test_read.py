@@ -450,10 +450,10 @@ def test_read_record_holds_ids_and_hashes_and_maps_the_texts(tmp_path, monkeypat
     import pyarrow as pa
 
     from curate.config import config_from_dict
-    from curate.read import stage
+    from curate.read import dataset
     from curate.read.stage import read
 
-    monkeypatch.setattr(stage, "_CHUNK", 1)
+    monkeypatch.setattr(dataset, "_CHUNK", 1)
     out = tmp_path / "out"
     data = {"path": str(write_beir(tmp_path))}
     r = read(config_from_dict({"output_dir": str(out), "data": data}))
@@ -466,3 +466,25 @@ def test_read_record_holds_ids_and_hashes_and_maps_the_texts(tmp_path, monkeypat
     del r
     gc.collect()
     assert not folder.exists()
+
+
+def test_streamed_corpus_names_a_duplicate_across_chunks_and_leaves_no_texts(tmp_path,
+                                                                             monkeypatch):
+    """A corpus read a chunk at a time (one row here) still names both rows of a repeated id,
+    and the text file begun for it is removed with the error."""
+    import glob
+    import tempfile
+
+    from curate.config import config_from_dict
+    from curate.read import dataset
+    from curate.read.stage import read
+
+    monkeypatch.setattr(dataset, "_CHUNK", 1)
+    pattern = str(Path(tempfile.gettempdir()) / "curate-texts-*")
+    before = set(glob.glob(pattern))
+    root = write_beir(tmp_path / "d", docs=[*DOCS, {"_id": "3", "text": "c"},
+                                            {"_id": "2", "text": "again"}])  # fmt: skip
+    cfg = config_from_dict({"output_dir": str(tmp_path / "out"), "data": {"path": str(root)}})
+    with pytest.raises(DataError, match=r"duplicate doc_id '2' \(first at row 2\)") as e:
+        read(cfg)
+    assert e.value.row == 4 and set(glob.glob(pattern)) == before

@@ -13,7 +13,7 @@ import csv
 import difflib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,25 +92,27 @@ def _lines(path: Location) -> Iterator[tuple[int, str]]:
 
 
 class _Columns:
-    """Cells gathered per column as Python lists, moved into polars every _CHUNK rows."""
+    """Cells gathered per column as Python lists, moved into polars every _CHUNK rows; the
+    loaders yield each full frame (``add`` returns it) so that a caller can stream them."""
 
     def __init__(self, fields: Sequence[_Field]):
         self.schema = {f.name: pl.String for f in fields} | {"_row": pl.Int64}
         self.rows: list[list] = []
-        self.frames: list[pl.DataFrame] = []
+        self.yielded = False
 
-    def add(self, row: int, values: list) -> None:
+    def add(self, row: int, values: list) -> pl.DataFrame | None:
         self.rows.append([*values, row])
-        if len(self.rows) >= _CHUNK:
-            self._flush()
+        return self.flush() if len(self.rows) >= _CHUNK else None
 
-    def _flush(self) -> None:
-        self.frames.append(pl.DataFrame(self.rows, schema=self.schema, orient="row"))
-        self.rows = []
+    def flush(self) -> pl.DataFrame:
+        frame = pl.DataFrame(self.rows, schema=self.schema, orient="row")
+        self.rows, self.yielded = [], True
+        return frame
 
-    def frame(self) -> pl.DataFrame:
-        self._flush()
-        return pl.concat(self.frames)
+    def last(self) -> Iterator[pl.DataFrame]:
+        """The rows left over; an empty frame when nothing was yielded (an empty file)."""
+        if self.rows or not self.yielded:
+            yield self.flush()
 
 
 def _cell(path: Location, row: int, f: _Field, col: str, obj: dict) -> str | None:
@@ -127,7 +129,8 @@ def _cell(path: Location, row: int, f: _Field, col: str, obj: dict) -> str | Non
     raise _fail(path, row, f"{f.name} {value!r} is a {type(value).__name__}, not a string", fix)
 
 
-def _load_jsonl(path: Location, fields: Sequence[_Field], cols: ColumnsConfig) -> pl.DataFrame:
+def _jsonl_chunks(path: Location, fields: Sequence[_Field], cols: ColumnsConfig
+                  ) -> Iterator[pl.DataFrame]:
     names = [getattr(cols, f.key) for f in fields]
     out = _Columns(fields)
     for lineno, text in _lines(path):
@@ -141,13 +144,14 @@ def _load_jsonl(path: Location, fields: Sequence[_Field], cols: ColumnsConfig) -
         if not isinstance(obj, dict):
             fix = 'make every line one JSON object, e.g. {"_id": "1", "text": "..."}'
             raise _fail(path, lineno, f"a JSON {type(obj).__name__}, not an object", fix)
-        out.add(
-            lineno, [_cell(path, lineno, f, c, obj) for f, c in zip(fields, names, strict=True)]
-        )
-    return out.frame()
+        values = [_cell(path, lineno, f, c, obj) for f, c in zip(fields, names, strict=True)]
+        if (full := out.add(lineno, values)) is not None:
+            yield full
+    yield from out.last()
 
 
-def _load_delimited(path: Location, fields: Sequence[_Field], cols: ColumnsConfig) -> pl.DataFrame:
+def _delimited_chunks(path: Location, fields: Sequence[_Field], cols: ColumnsConfig
+                      ) -> Iterator[pl.DataFrame]:
     sep = "\t" if path.suffix == ".tsv" else ","
     # BEIR TSVs are unquoted: a quote inside a TSV field is text, not the start of a quoted field.
     quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
@@ -169,21 +173,41 @@ def _load_delimited(path: Location, fields: Sequence[_Field], cols: ColumnsConfi
                 problem = f"{len(record)} fields where the header has {len(header)}"
                 raise _fail(path, reader.line_num, problem, f"separate fields by {sep!r}")
             values = [record[index[f.name]].strip() if f.name in index else "" for f in fields]
-            out.add(reader.line_num, values)
+            if (full := out.add(reader.line_num, values)) is not None:
+                yield full
     except csv.Error as e:
         raise _fail(path, reader.line_num, f"unreadable row ({e})", "fix the quoting") from None
-    return out.frame()
+    yield from out.last()
 
 
-def _load_parquet(path: Location, fields: Sequence[_Field], cols: ColumnsConfig) -> pl.DataFrame:
-    try:
-        # The columns curate reads, not the whole file: a vector column (data.columns.vector)
-        # is read by worker tasks, never here (~1.5 KB a row at 384 dims).
-        names = path.parquet_columns()
-        wanted = [c for c in dict.fromkeys(getattr(cols, f.key) for f in fields) if c in names]
-        raw = path.read_parquet(wanted) if wanted else pl.DataFrame()
-    except (OSError, ValueError, pl.exceptions.PolarsError) as e:  # pyarrow's: ValueError
-        raise _fail(path, None, f"not a readable Parquet file ({e})", "rewrite it") from None
+def _parquet_chunks(path: Location, fields: Sequence[_Field], cols: ColumnsConfig
+                    ) -> Iterator[pl.DataFrame]:
+    """The file _CHUNK rows at a time: read whole, polars holds a second copy of every text
+    while it converts the file."""
+    # The columns curate reads, not the whole file: a vector column (data.columns.vector) is
+    # read by worker tasks, never here (~1.5 KB a row at 384 dims).
+    names: list[str] = []
+    batches = iter(())
+    start = 0
+    while True:
+        try:
+            if not names:
+                names = path.parquet_columns()
+                wanted = [c for c in dict.fromkeys(getattr(cols, f.key) for f in fields)
+                          if c in names]  # fmt: skip
+                batches = path.parquet_batches(wanted, _CHUNK)
+            raw = next(batches, None)
+        except (OSError, ValueError, pl.exceptions.PolarsError) as e:  # pyarrow's: ValueError
+            raise _fail(path, None, f"not a readable Parquet file ({e})", "rewrite it") from None
+        if raw is None:
+            return
+        frame = _parquet_frame(path, fields, cols, names, raw, start)
+        start += frame.height
+        yield frame
+
+
+def _parquet_frame(path: Location, fields: Sequence[_Field], cols: ColumnsConfig,
+                   names: list[str], raw: pl.DataFrame, start: int) -> pl.DataFrame:
     exprs = []
     for f in fields:
         col = getattr(cols, f.key)
@@ -199,7 +223,11 @@ def _load_parquet(path: Location, fields: Sequence[_Field], cols: ColumnsConfig)
             problem = f"column {col!r} is {raw.schema[col]}; {f.name} must be strings"
             raise _fail(path, None, problem, "store the column as strings")
     # ``_row`` last, as for the other formats: callers take the id from the first column.
-    return raw.select(exprs).with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"))
+    rows = pl.int_range(start, start + pl.len(), dtype=pl.Int64).alias("_row")
+    return raw.select(exprs).with_columns(rows)
+
+
+_CHUNKS = {".parquet": _parquet_chunks, ".tsv": _delimited_chunks, ".csv": _delimited_chunks}
 
 
 def _first(frame: pl.DataFrame, mask: pl.Expr) -> dict | None:
@@ -207,21 +235,17 @@ def _first(frame: pl.DataFrame, mask: pl.Expr) -> dict | None:
     return hit.row(0, named=True) if hit.height else None
 
 
-def _check(frame: pl.DataFrame, path: Location, kind: str) -> pl.DataFrame:
-    """Checks common to every format: ids present and unique, scores numeric."""
+def _check(frame: pl.DataFrame, path: Location, kind: str, unique: bool = True) -> pl.DataFrame:
+    """Checks common to every format: ids present and (``unique``: a streamed corpus checks
+    that once all its chunks are read) unique, scores numeric."""
     id_cols = [f.name for f in _FIELDS[kind] if f.role == "id"]
     for col in id_cols:
         if bad := _first(frame, pl.col(col).is_null() | (pl.col(col).str.strip_chars() == "")):
             raise _fail(path, bad["_row"], f"{col} is null or empty", f"give every row an {col}")
     if kind != "qrels":
         (col,) = id_cols
-        # The row-by-row search only when some id repeats: its window over every id is a
-        # large transient at corpus scale.
-        repeats = frame.select(pl.col(col).is_duplicated().any()).item()
-        seen = frame.with_columns(first=pl.col("_row").min().over(col)) if repeats else None
-        if repeats and (dup := _first(seen, pl.col("_row") != pl.col("first"))):
-            problem = f"duplicate {col} {dup[col]!r} (first at row {dup['first']})"
-            raise _fail(path, dup["_row"], problem, f"make every {col} unique")
+        if unique:
+            _check_unique(frame, path, col)
         # Only columns with nulls are rewritten: a copy of every text is the read's largest cost.
         nulls = [c for c in ("title", "text") if c in frame.columns and frame[c].null_count()]
         return frame.with_columns(pl.col(c).fill_null("") for c in nulls) if nulls else frame
@@ -232,17 +256,52 @@ def _check(frame: pl.DataFrame, path: Location, kind: str) -> pl.DataFrame:
     return frame.with_columns(score)
 
 
-def _read(path: Location, kind: str, columns: ColumnsConfig) -> pl.DataFrame:
-    """Validated frame with the canonical columns plus ``_row`` (the row errors name)."""
+def _check_unique(frame: pl.DataFrame, path: Location, col: str) -> None:
+    # The row-by-row search only when some id repeats: its window over every id is a large
+    # transient at corpus scale.
+    if not frame.select(pl.col(col).is_duplicated().any()).item():
+        return
+    seen = frame.with_columns(first=pl.col("_row").min().over(col))
+    if dup := _first(seen, pl.col("_row") != pl.col("first")):
+        problem = f"duplicate {col} {dup[col]!r} (first at row {dup['first']})"
+        raise _fail(path, dup["_row"], problem, f"make every {col} unique")
+
+
+def _chunks(path: Location, kind: str, columns: ColumnsConfig) -> Iterator[pl.DataFrame]:
+    """The file's rows, _CHUNK at a time, with the canonical columns plus ``_row``."""
     if kind not in _FIELDS:
         raise ValueError(f"kind must be one of {list(_FIELDS)}, got {kind!r}")
     if path.suffix not in SUFFIXES:
         raise _fail(path, None, f"unsupported file type {path.suffix!r}", f"use one of {SUFFIXES}")
     if not path.is_file():
         raise _fail(path, None, f"{kind} file not found", "check the path")
-    loaders = {".parquet": _load_parquet, ".tsv": _load_delimited, ".csv": _load_delimited}
-    frame = loaders.get(path.suffix, _load_jsonl)(path, _FIELDS[kind], columns)
-    return _check(frame, path, kind)
+    return _CHUNKS.get(path.suffix, _jsonl_chunks)(path, _FIELDS[kind], columns)
+
+
+def _read(path: Location, kind: str, columns: ColumnsConfig) -> pl.DataFrame:
+    """Validated frame with the canonical columns plus ``_row`` (the row errors name)."""
+    return _check(pl.concat(_chunks(path, kind, columns)), path, kind)
+
+
+def _read_corpus(path: Location, cfg: DataConfig, sink: Callable[[pl.DataFrame], pl.DataFrame]
+                 ) -> tuple[pl.DataFrame, pl.Series, int]:
+    """The corpus streamed: each chunk checked, its empty texts dropped, then handed to ``sink``
+    (-> what is kept of it, doc_id first); ids checked unique once all are read. -> (the kept
+    chunks, the skipped ids, rows read). No frame of every text exists at once."""
+    kept, ids, skipped = [], [], []
+    for chunk in _chunks(path, "corpus", cfg.columns):
+        chunk = _check(chunk, path, "corpus", unique=False)
+        ids.append(chunk.select("doc_id", "_row"))
+        rows, gone = _drop_empty(chunk, path, cfg.empty_text, warn=False)
+        kept.append(sink(rows))
+        skipped.append(gone)
+    every = pl.concat(ids)
+    _check_unique(every, path, "doc_id")
+    gone = pl.concat(skipped)
+    if gone.len():
+        log.warning("%s: skipped %d rows with empty text (first: %s)", path, gone.len(),
+                    gone.head(5).to_list())  # fmt: skip
+    return pl.concat(kept), gone, every.height
 
 
 def read_table(
@@ -295,7 +354,8 @@ def _locate(
     return corpus, queries, qrels
 
 
-def _drop_empty(frame: pl.DataFrame, path: Location, mode: str) -> tuple[pl.DataFrame, pl.Series]:
+def _drop_empty(frame: pl.DataFrame, path: Location, mode: str, warn: bool = True
+                ) -> tuple[pl.DataFrame, pl.Series]:
     """(kept rows, ids of skipped empty rows); raises instead when ``mode`` is "error"."""
     # A document is its title plus its text: an empty text under a real title is still a document.
     # Both parts whitespace-only, tested without building title + text for every row.
@@ -309,7 +369,7 @@ def _drop_empty(frame: pl.DataFrame, path: Location, mode: str) -> tuple[pl.Data
         fix = "fill in the text, or set data.empty_text: skip to drop such rows"
         raise _fail(path, bad["_row"], problem, fix)
     skipped = frame.filter(empty)[id_col]
-    if skipped.len():
+    if skipped.len() and warn:
         head = skipped.head(5).to_list()
         log.warning("%s: skipped %d rows with empty text (first: %s)", path, skipped.len(), head)
     return (frame.filter(~empty) if skipped.len() else frame), skipped  # no copy when none is
@@ -344,30 +404,37 @@ def _check_qrels(
 
 
 def read_dataset(
-    cfg: DataConfig, splits: Sequence[str] | None = None, options: Options | None = None
+    cfg: DataConfig, splits: Sequence[str] | None = None, options: Options | None = None,
+    corpus_sink: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
 ) -> Dataset:
     """Corpus, queries and qrels of ``splits`` (default: train and eval split), validated.
     ``cfg.max_train_queries`` is left to the pipeline; ``options``: how its URLs are reached
-    (the config's storage.options)."""
+    (the config's storage.options). ``corpus_sink``: the corpus is streamed through it a chunk
+    of validated rows at a time and the Dataset's corpus is what it returns (the pipeline keeps
+    ids and hashes, and writes the texts to a file)."""
     if splits is None:
         splits = [cfg.train_split] + ([cfg.eval_split] if cfg.eval_split is not None else [])
     corpus_path, queries_path, qrels_paths = _locate(cfg, list(dict.fromkeys(splits)), options)
     stats: dict = {}
     frames, kept, skipped = {}, {}, {}
     for name, kind, path in (("docs", "corpus", corpus_path), ("queries", "queries", queries_path)):
-        full = _read(path, kind, cfg.columns)
-        frames[name], skipped_ids = _drop_empty(full, path, cfg.empty_text)
+        if kind == "corpus" and corpus_sink is not None:
+            frames[name], skipped_ids, n_read = _read_corpus(path, cfg, corpus_sink)
+        else:
+            full = _read(path, kind, cfg.columns)
+            frames[name], skipped_ids = _drop_empty(full, path, cfg.empty_text)
+            n_read = full.height
         if not frames[name].height:  # here, not later as ids the qrels name but nothing holds
-            raise _nothing_left(path, kind, full.height)
-        id_col = full.columns[0]
+            raise _nothing_left(path, kind, n_read)
+        id_col = frames[name].columns[0]
         kept[id_col], skipped[id_col] = frames[name][id_col], skipped_ids
-        stats |= {f"{name}_read": full.height, f"skipped_empty_{name}": skipped_ids.len()}
+        stats |= {f"{name}_read": n_read, f"skipped_empty_{name}": skipped_ids.len()}
     qrels, stats["qrels"], stats["dropped_qrels_of_skipped"] = {}, {}, {}
     for split, path in qrels_paths.items():
         frame, dropped = _check_qrels(_read(path, "qrels", cfg.columns), path, kept, skipped)
         qrels[split] = frame.drop("_row")
         stats["qrels"][split], stats["dropped_qrels_of_skipped"][split] = frame.height, dropped
-    docs, queries = frames["docs"].drop("_row"), frames["queries"].drop("_row")
+    docs, queries = frames["docs"].drop("_row", strict=False), frames["queries"].drop("_row")
     stats |= {"docs": docs.height, "queries": queries.height}
     log.info("read %d docs, %d queries, qrels %s", docs.height, queries.height, stats["qrels"])
     return Dataset(docs, queries, qrels, stats)

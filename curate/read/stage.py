@@ -20,7 +20,6 @@ from curate.read.dataset import Dataset, read_dataset
 from curate.records import Read
 
 TEXTS_FILE = "doc_texts.arrow"
-_CHUNK = 100_000  # corpus rows joined (texts, hashes) at a time
 
 
 def resolve_data(cfg: Config) -> DataConfig:
@@ -45,20 +44,35 @@ def doc_text_series(corpus: pl.DataFrame) -> pl.Series:
     return corpus.select(joined.otherwise(title + " " + text).alias("text"))["text"]
 
 
-def mapped_texts(corpus: pl.DataFrame) -> tuple[pa.ChunkedArray, str]:
-    """The texts written once to an uncompressed Arrow file in a private temporary folder (the
-    output folder is not claimed yet) and memory-mapped from it: the driver then holds no text,
-    and the index stage links the file in as the mine and shard tasks' ``doc_texts.arrow``.
-    ``read`` removes the folder when its record is garbage (or the process exits)."""
-    from curate.mine.negatives import load_doc_texts
+class _CorpusSink:
+    """The corpus as it streams in (``read_dataset``'s ``corpus_sink``): each chunk's joined
+    texts appended to an uncompressed Arrow file in a private temporary folder (the output
+    folder is not claimed yet), its ids and text hashes kept. ``close`` memory-maps the file:
+    the driver then holds no text, and the index stage links the file in as the mine and shard
+    tasks' ``doc_texts.arrow``."""
 
-    path = Path(tempfile.mkdtemp(prefix="curate-texts-")) / TEXTS_FILE
-    schema = pa.schema([("text", pa.large_string())])  # as mine.negatives.write_doc_texts
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        for start in range(0, corpus.height, _CHUNK):  # joined chunk by chunk: never all at once
-            part = doc_text_series(corpus.slice(start, _CHUNK)).to_arrow()
-            writer.write_batch(pa.record_batch([part.cast(pa.large_string())], schema=schema))
-    return load_doc_texts(str(path)), str(path)
+    SCHEMA = pa.schema([("text", pa.large_string())])  # as mine.negatives.write_doc_texts
+
+    def __init__(self) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="curate-texts-")) / TEXTS_FILE
+        self._file = pa.OSFile(str(self.path), "wb")
+        self._writer = pa.ipc.new_file(self._file, self.SCHEMA)
+
+    def __call__(self, chunk: pl.DataFrame) -> pl.DataFrame:
+        texts = doc_text_series(chunk).to_arrow().cast(pa.large_string())
+        self._writer.write_batch(pa.record_batch([texts], schema=self.SCHEMA))
+        return dedup.add_text_hash(chunk).select("doc_id", "hash")
+
+    def close(self) -> pa.ChunkedArray:
+        from curate.mine.negatives import load_doc_texts
+
+        self._writer.close()
+        self._file.close()
+        return load_doc_texts(str(self.path))
+
+    def discard(self) -> None:
+        self._file.close()
+        shutil.rmtree(self.path.parent, ignore_errors=True)
 
 
 def text_list(texts: pa.ChunkedArray | pl.Series | list[str]) -> list[str]:
@@ -102,14 +116,17 @@ def read(cfg: Config) -> Read:
     if data.columns.vector:  # the schema only: worker tasks read the vectors (embed stage)
         for path in (data.corpus, data.queries):
             vectors.check_schema(path, data.columns.vector, cfg.storage.options)
-    ds = read_dataset(data, options=cfg.storage.options)
-    pairs = train_pairs(ds, cfg)
-    config_rules.check_data(cfg, pairs.height)
+    # The corpus streams through: its texts go to a file, ids and hashes stay (the raw title
+    # and text of every document would be the driver's largest object).
+    sink = _CorpusSink()
+    try:
+        ds = read_dataset(data, options=cfg.storage.options, corpus_sink=sink)
+        pairs = train_pairs(ds, cfg)
+        config_rules.check_data(cfg, pairs.height)
+    except BaseException:
+        sink.discard()
+        raise
     known = known_positives(ds, cfg.data.train_split)
-    texts, texts_file = mapped_texts(ds.corpus)
-    # The raw title and text columns go: the joined texts are what every later stage reads,
-    # and one copy of the corpus's text is the driver's largest object.
-    corpus = dedup.add_text_hash(ds.corpus).select("doc_id", "hash")
-    record = Read(dataclasses.replace(ds, corpus=corpus), corpus, texts, pairs, known, texts_file)
-    weakref.finalize(record, shutil.rmtree, Path(texts_file).parent, True)  # a mapping survives
+    record = Read(ds, ds.corpus, sink.close(), pairs, known, str(sink.path))
+    weakref.finalize(record, shutil.rmtree, sink.path.parent, True)  # a mapping survives
     return record
