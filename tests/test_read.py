@@ -488,3 +488,25 @@ def test_streamed_corpus_names_a_duplicate_across_chunks_and_leaves_no_texts(tmp
     with pytest.raises(DataError, match=r"duplicate doc_id '2' \(first at row 2\)") as e:
         read(cfg)
     assert e.value.row == 4 and set(glob.glob(pattern)) == before
+
+
+def test_a_killed_runs_text_folder_is_swept_by_the_next_read(tmp_path):
+    """A driver killed mid-run cannot remove its memory-mapped texts; the next read removes
+    the folders of processes that no longer run, and leaves a live process's alone."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from curate.config import config_from_dict
+    from curate.read.stage import read
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    orphan = Path(tempfile.mkdtemp(prefix=f"curate-texts-{dead}-"))
+    alive = Path(tempfile.mkdtemp(prefix=f"curate-texts-{os.getppid()}-"))
+    cfg = config_from_dict({"output_dir": str(tmp_path / "out"),
+                            "data": {"path": str(write_beir(tmp_path / "d"))}})
+    r = read(cfg)
+    assert not orphan.exists() and alive.is_dir() and Path(r.texts_file).is_file()
+    alive.rmdir()

@@ -4,6 +4,7 @@ doc texts), everything checked before the output folder is touched."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 import weakref
@@ -44,6 +45,28 @@ def doc_text_series(corpus: pl.DataFrame) -> pl.Series:
     return corpus.select(joined.otherwise(title + " " + text).alias("text"))["text"]
 
 
+_PREFIX = "curate-texts-"
+
+
+def _sweep_orphans() -> None:
+    """Text folders of driver processes that no longer run (a killed run cannot clean up):
+    removed, so crashes do not pile corpora up in the temporary folder."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_PREFIX}*-*"):
+        pid = folder.name[len(_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class _CorpusSink:
     """The corpus as it streams in (``read_dataset``'s ``corpus_sink``): each chunk's joined
     texts appended to an uncompressed Arrow file in a private temporary folder (the output
@@ -54,7 +77,9 @@ class _CorpusSink:
     SCHEMA = pa.schema([("text", pa.large_string())])  # as mine.negatives.write_doc_texts
 
     def __init__(self) -> None:
-        self.path = Path(tempfile.mkdtemp(prefix="curate-texts-")) / TEXTS_FILE
+        _sweep_orphans()
+        prefix = f"{_PREFIX}{os.getpid()}-"  # the owner, for the sweep after a killed run
+        self.path = Path(tempfile.mkdtemp(prefix=prefix)) / TEXTS_FILE
         self._file = pa.OSFile(str(self.path), "wb")
         self._writer = pa.ipc.new_file(self._file, self.SCHEMA)
 
