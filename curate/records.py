@@ -32,7 +32,7 @@ class Read:
     dataset: Dataset  # queries, qrels, stats; its corpus is ``corpus`` (no text column)
     corpus: pl.DataFrame  # doc_id and hash (u64 of the normalised text, dedup.add_text_hash)
     texts: pa.ChunkedArray  # per corpus row: title and text as the model embeds them, memory-
-    # mapped from a file (read.stage.mapped_texts); a polars Series or a list also serve
+    # mapped from a file (read.stage._CorpusSink); a polars Series or a list also serve
     pairs: pl.DataFrame  # positive (query_id, doc_id) pairs of the train split, sorted
     known: dict[str, list[str]]  # query_id -> every known positive doc id (train split)
     texts_file: str | None = None  # the Arrow file ``texts`` are mapped from, if they are

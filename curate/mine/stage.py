@@ -34,20 +34,23 @@ def pair_blocks(pairs: pl.DataFrame, known: dict[str, list[str]], emb: Embedded,
     ends = np.searchsorted(qi[order] // size, np.arange(1, -(-len(qids) // size) + 1))
     pos_ids = pairs["doc_id"]
     qid_list = qids.to_list()
+    # Every query's known positives as rows in one join: a join per block would hash every
+    # doc id once per block.
+    counts = [len(known[q]) for q in qid_list]
+    known_rows = np.split(emb.doc_rows([d for q in qid_list for d in known[q]]),
+                          np.cumsum(counts)[:-1])  # fmt: skip
     blocks, start_pair = [], 0
     for b, stop_pair in enumerate(ends.tolist()):
         ids = qid_list[b * size : (b + 1) * size]
         take = order[start_pair:stop_pair]
         start_pair = stop_pair
-        flat = [d for q in ids for d in known[q]]
-        known_rows = np.split(emb.doc_rows(flat), np.cumsum([len(known[q]) for q in ids])[:-1])
         blocks.append(
             PairBlock(
                 query_ids=ids,
                 query_vecs=None,
                 pair_query=qi[take] - b * size,
                 pair_pos=pos[take],
-                known=[np.sort(r[r >= 0]) for r in known_rows],
+                known=[np.sort(r[r >= 0]) for r in known_rows[b * size : (b + 1) * size]],
                 pos_ids=pos_ids.gather(take).to_list(),
                 query_rows=q_rows[b * size : (b + 1) * size],
             )
