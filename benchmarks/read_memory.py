@@ -41,13 +41,15 @@ class Sampler:
 
         @functools.wraps(fn)
         def timed(*a, **k):
-            self.peak, before = 0, rss_mb()
+            self.peak, before, t0 = 0, rss_mb(), time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
+                took = time.perf_counter() - t0
                 time.sleep(0.01)  # one more sample after the step
                 after = rss_mb()
-                lines.append(f"{name:16s} before {before:6d} peak {self.peak:6d} after {after:6d}")
+                lines.append(f"{name:16s} before {before:6d} peak {self.peak:6d} after {after:6d}"
+                             f"  {took:7.1f} s")
 
         setattr(mod, name, timed)
 

@@ -149,28 +149,43 @@ def test_rejects_table_without_shard_schema(shard_dir):
         write_shards(shard_table().drop_columns(["batch_id"]), shard_dir, 2)
 
 
-def test_texts_filled_shard_by_shard_write_the_same_bytes(tmp_path):
-    """The batch stage builds no table of every text: ``fill`` adds the texts to one shard's rows
-    at a time, by id (with the known positives), and the files are the bytes of the whole table
-    written at once."""
-    from curate.batch.curation import TEXT_COLUMNS, TextColumn, with_texts
+def _by_number(full):
+    """The shard table as shard_table leaves it (doc numbers, no ids or texts) -> (that table
+    with its query texts (text_rows), the doc ids and texts by number, the known positives)."""
+    from curate.batch.curation import TEXT_COLUMNS, TextColumn, text_rows
+    from curate.records import rows_of
 
-    full = shard_table()
-    plain = full.drop_columns(list(TEXT_COLUMNS))
-    ids = [*full["pos_id"].to_pylist(), *full["neg_ids"].combine_chunks().flatten().to_pylist()]
-    texts = [*full["pos"].to_pylist(), *full["negs"].combine_chunks().flatten().to_pylist()]
-    docs = TextColumn(ids, texts)
+    flat = {c: full[c].combine_chunks().flatten().to_pylist() for c in ("neg_ids", "negs")}
+    text = dict(zip([*full["pos_id"].to_pylist(), *flat["neg_ids"]],
+                    [*full["pos"].to_pylist(), *flat["negs"]]))  # fmt: skip
+    ids = pl.Series(sorted(text), dtype=pl.String)
+    negs = full["neg_ids"].combine_chunks()
+    plain = full.drop_columns(list(TEXT_COLUMNS)).append_column(
+        "pos_row", pa.array(rows_of(ids, full["pos_id"].to_pylist()))
+    ).append_column("neg_rows", pa.ListArray.from_arrays(
+        negs.offsets, pa.array(rows_of(ids, negs.flatten().to_pylist()))))  # fmt: skip
     queries = TextColumn(full["query_id"].to_pylist(), full["query"].to_pylist())
     known = pl.DataFrame({"query_id": full["query_id"].to_pylist(),
-                          "known_pos_ids": full["known_pos_ids"].to_pylist()})
+                          "known_pos_ids": full["known_pos_ids"].to_pylist()}).unique("query_id")
+    return text_rows(plain, queries), ids, [text[d] for d in ids], known
+
+
+def test_texts_filled_shard_by_shard_write_the_same_bytes(tmp_path):
+    """The batch stage builds no table of every text: ``fill`` adds the ids and texts to one
+    shard's rows at a time, by doc number (with the known positives), and the files are the
+    bytes of the whole table written at once."""
+    from curate.batch.curation import with_row_texts
+
+    full = shard_table()
+    rows, ids, texts, known = _by_number(full)
     seen = []
 
     def fill(part):
         seen.append(part.num_rows)
-        return with_texts(part, docs, queries, known)
+        return with_row_texts(part, pa.array(texts), ids.to_arrow(), known)
 
     whole = write_shards(full, tmp_path / "a", 2)
-    streamed = write_shards(plain, tmp_path / "b", 2, fill=fill)
+    streamed = write_shards(rows, tmp_path / "b", 2, fill=fill)
     assert [r["sha256"] for r in streamed] == [r["sha256"] for r in whole]
     assert seen == [5, 3, 2]  # batches of 2+3, 1+2, 2 rows: one call per shard
 
@@ -179,25 +194,16 @@ def test_shards_written_by_tasks_from_row_numbers_are_the_same_bytes(tmp_path):
     """The cluster path: the rows staged with their docs' row numbers, each shard written by a
     task that reads the texts from the memory-mapped corpus text file and is renamed into
     place by the driver. Same bytes as the whole table written at once, nothing left over."""
-    from curate.batch.curation import TEXT_COLUMNS, TextColumn, text_rows
     from curate.batch.stage import _Staged
     from curate.mine.negatives import write_doc_texts
-    from curate.records import rows_of
 
     full = shard_table()
-    plain = full.drop_columns(list(TEXT_COLUMNS))
-    flat = {c: full[c].combine_chunks().flatten().to_pylist() for c in ("neg_ids", "negs")}
-    text = dict(zip([*full["pos_id"].to_pylist(), *flat["neg_ids"]],
-                    [*full["pos"].to_pylist(), *flat["negs"]]))  # fmt: skip
-    ids = pl.Series(sorted(text), dtype=pl.String)
+    rows, ids, texts, known = _by_number(full)
     work = tmp_path / "run" / "work"
     work.mkdir(parents=True)
-    write_doc_texts(work / "doc_texts.arrow", [text[d] for d in ids])
-    queries = TextColumn(full["query_id"].to_pylist(), full["query"].to_pylist())
-    known = pl.DataFrame({"query_id": full["query_id"].to_pylist(),
-                          "known_pos_ids": full["known_pos_ids"].to_pylist()}).unique("query_id")
-    staged = _Staged(work / "shards-staging", text_rows(plain, lambda s: rows_of(ids, s),
-                                                        queries), known)  # fmt: skip
+    write_doc_texts(work / "doc_texts.arrow", texts)
+    pq.write_table(pa.table({"doc_id": ids.to_arrow()}), work / "doc_ids.parquet")
+    staged = _Staged(work / "shards-staging", rows, known)
     calls = []
 
     def run(fn, args, label):  # one process: the pipeline tests run these on a cluster
@@ -205,7 +211,7 @@ def test_shards_written_by_tasks_from_row_numbers_are_the_same_bytes(tmp_path):
         return [fn(*a) for a in args]
 
     whole = write_shards(full, tmp_path / "a", 2)
-    by_tasks = write_shards(plain, tmp_path / "c", 2, write_many=lambda j: staged.write(j, run))
+    by_tasks = write_shards(rows, tmp_path / "c", 2, write_many=lambda j: staged.write(j, run))
     assert [r["sha256"] for r in by_tasks] == [r["sha256"] for r in whole]
     assert calls == [3] and sorted(p.name for p in (tmp_path / "c").iterdir()) == [
         r["path"] for r in whole]  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,9 @@ import pyarrow.compute as pc
 
 from curate import schema
 from curate.batch import topics
-from curate.batch.compose import Row, compose
-from curate.batch.dedup import remap
+from curate.batch.compose import RowTable, compose
 from curate.config import BatchConfig
+from curate.records import rows_of
 
 
 def canonical_forbidden(forbidden: pa.Table, canon: dict[str, str]) -> pa.Table:
@@ -37,35 +38,90 @@ def build_rows(
     known: dict[str, list[str]],
     canon: dict[str, str],
     topic_of: dict[str, int],
-    rejected: dict[str, set[str]] | None = None,
-) -> tuple[pl.DataFrame, list[Row], Counter]:
+    doc_ids: pl.Series,
+    forbidden: pa.Table | None = None,
+) -> tuple[pl.DataFrame, RowTable, Counter]:
     """Remap every id to its canonical id; a negative that collapses onto the positive, a known
-    positive, another negative of its row or a doc rejected for its query (``rejected``: query
-    -> canonical forbidden ids) is dropped and counted."""
+    positive, another negative of its row or a doc forbidden for its query (``forbidden``, under
+    canonical ids) is dropped and counted. -> (the pairs' query_id, pos_score, and negative
+    scores and ranks so cut, plus topic; the composer's rows, ids as doc numbers in ``doc_ids``;
+    counts). Columns throughout: no Python object per row."""
     stats: Counter = Counter()
-    rows, picks = [], []
-    rejected = rejected or {}
-    known_of: dict[str, frozenset[str]] = {}  # one set per query, shared by its rows
-    for r in mined.iter_rows(named=True):
-        pos = canon.get(r["pos_id"], r["pos_id"])
-        if (kp := known_of.get(r["query_id"])) is None:
-            kp = known_of[r["query_id"]] = frozenset(remap(known[r["query_id"]], canon))
-        rej = rejected.get(r["query_id"], frozenset())
-        keep, seen = [], set()
-        for j, n in enumerate(r["neg_ids"]):
-            c = canon.get(n, n)
-            if c in kp or c == pos or c in seen or c in rej:
-                stats["neg_dropped_as_duplicate"] += 1
-                continue
-            seen.add(c)
-            keep.append((j, c))
-        picks.append([j for j, _ in keep])
-        rows.append(Row(pos, tuple(c for _, c in keep), kp, topic_of[r["query_id"]], r["query_id"]))
-    out = schema.keep_negatives(mined, picks, [list(r.negs) for r in rows]).with_columns(
-        pl.Series("pos_id", [r.pos for r in rows], pl.String),
-        pl.Series("topic", [r.topic for r in rows], pl.Int32),
-    )
+    queries = mined["query_id"].unique(maintain_order=True)
+    qnum = rows_of(queries, mined["query_id"])
+    negs = _arrow(mined["neg_ids"], pa.large_list(pa.large_string()))
+    row = pc.list_parent_indices(negs).to_numpy().astype(np.int64)
+    neg_ids, pos_ids = pl.from_arrow(negs.flatten()), mined["pos_id"]
+    del negs  # each id column is mapped to doc numbers and let go: ~100 B per id
+    if canon:
+        neg_ids, pos_ids = neg_ids.replace(canon), pos_ids.replace(canon)
+    pos, neg = rows_of(doc_ids, pos_ids), rows_of(doc_ids, neg_ids)
+    del neg_ids, pos_ids
+    if (pos < 0).any() or (neg < 0).any():
+        raise KeyError("a mined pair names a doc id the corpus does not hold")  # a bug, not input
+    kp = known_pairs(known, canon, queries)
+    kq, kc = kp["q"].to_numpy(), rows_of(doc_ids, kp["doc_id"])
+    del kp
+    fb = pl.from_arrow((forbidden if forbidden is not None else schema.FORBIDDEN.empty_table())
+                       .select(["query_id", "doc_id"]))  # fmt: skip
+    fq, fc = rows_of(queries, fb["query_id"]), rows_of(doc_ids, fb["doc_id"])
+    del fb
+    # (query, doc) as one integer; a known or forbidden doc outside the corpus (-1) or a forbidden
+    # pair of another query matches no negative.
+    n = len(doc_ids) + 1
+    key = qnum[row] * n + neg
+    drop = (neg == pos[row]) | np.isin(key, kq * n + kc) | np.isin(key, (fq * n + fc)[fq >= 0])
+    del key
+    first = np.zeros(len(neg), dtype=bool)  # a doc's first place in its row, of those not dropped
+    _, at = np.unique((row * n + neg)[~drop], return_index=True)
+    first[np.flatnonzero(~drop)[at]] = True
+    if dropped := int(len(neg) - first.sum()):
+        stats["neg_dropped_as_duplicate"] = dropped
+    keep = np.flatnonzero(first)
+    topic_q = np.array([topic_of[q] for q in queries.to_list()], dtype=np.int64)
+    rows = RowTable(
+        pos=pos, neg_offsets=_offsets(row[keep], len(qnum)), negs=neg[keep],
+        topic=topic_q[qnum], query=qnum,
+        known_offsets=_offsets(kq[kc >= 0], len(queries)), known=kc[kc >= 0],
+    )  # fmt: skip
+    # The ids live on as doc numbers in ``rows`` (the shard tasks turn them back into ids).
+    out = mined.select("query_id", "pos_score").with_columns(
+        *(_relist(name, rows.neg_offsets, _flat(mined[name]).take(keep), kind)
+          for name, kind in (("neg_scores", pl.Float32), ("neg_ranks", pl.Int32))),
+        pl.Series("topic", rows.topic, pl.Int32),
+    )  # fmt: skip
     return out, rows, stats
+
+
+def _offsets(owner: np.ndarray, n: int) -> np.ndarray:
+    """[n + 1] list offsets of values whose list numbers ``owner`` are sorted."""
+    return np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=n))]).astype(np.int64)
+
+
+def _flat(column: pl.Series) -> pa.Array:
+    """A list column's values, one array."""
+    arr = column.to_arrow()
+    return (arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr).flatten()
+
+
+def _relist(name: str, offsets: np.ndarray, values: pa.Array, kind) -> pl.Series:
+    """A list column of ``values`` cut at ``offsets``."""
+    lists = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), values)
+    return pl.Series(name, pl.from_arrow(lists), pl.List(kind))
+
+
+def known_pairs(known: dict[str, list[str]], canon: dict[str, str],
+                queries: pl.Series) -> pl.DataFrame:
+    """(q: the query's place in ``queries``, doc_id: a known positive, canonical), each pair
+    once, sorted by q and doc_id."""
+    lists = [known[q] for q in queries.to_list()]
+    df = pl.DataFrame({
+        "q": np.repeat(np.arange(len(lists), dtype=np.int64), [len(x) for x in lists]),
+        "doc_id": pl.Series(list(chain.from_iterable(lists)), dtype=pl.String),
+    })  # fmt: skip
+    if canon:
+        df = df.with_columns(pl.col("doc_id").replace(canon))
+    return df.unique(maintain_order=True).sort("q", "doc_id")
 
 
 def query_topics(
@@ -98,137 +154,128 @@ class TextColumn:
             raise KeyError(f"ids without a text: {missing}")
         return got.to_arrow().cast(pa.string())
 
-    def take_lists(self, lists: list[list[str]] | pa.ListArray | pa.ChunkedArray) -> pa.Array:
-        """The texts of each list of ids, as a list column."""
-        if isinstance(lists, pa.ChunkedArray):
-            lists = lists.combine_chunks()
-        ids = lists if isinstance(lists, pa.ListArray) else pa.array(lists, pa.list_(pa.string()))
-        offsets = pc.subtract(ids.offsets, ids.offsets[0])  # a slice's offsets start past 0
-        return pa.ListArray.from_arrays(offsets, self.take(ids.flatten()))
+
+# The SHARD columns shard_table leaves out, added shard by shard (with_row_texts): the texts and
+# doc ids (shard_table holds doc numbers), and each row's known positives (NFCorpus: 110k rows
+# x 43 ids, over a GB as one column).
+TEXT_COLUMNS = ("query", "pos_id", "pos", "neg_ids", "negs", "known_pos_ids")
 
 
-# The SHARD columns shard_table leaves out, added shard by shard (with_texts): the texts, and
-# each row's known positives (NFCorpus: 110k rows x 43 ids, over a GB as one column).
-TEXT_COLUMNS = ("query", "pos", "negs", "known_pos_ids")
+def known_table(known: dict[str, list[str]], canon: dict[str, str],
+                query_ids: pl.Series) -> pl.DataFrame:
+    """query_id -> its known positives (canonical ids, sorted), one row per query of the rows."""
+    queries = query_ids.unique(maintain_order=True)
+    kp = known_pairs(known, canon, queries)
+    offsets = _offsets(kp["q"].to_numpy(), len(queries))
+    return pl.DataFrame({"query_id": queries.rename("query_id"),
+                         "known_pos_ids": _relist("known_pos_ids", offsets, kp["doc_id"].to_arrow(),
+                                                  pl.String)})  # fmt: skip
 
 
-def known_table(rows: list[Row]) -> pl.DataFrame:
-    """query_id -> its known positives (canonical ids, sorted), one row per query."""
-    known = {r.query: r.known for r in rows}
-    return pl.DataFrame(
-        {"query_id": list(known), "known_pos_ids": [sorted(k) for k in known.values()]},
-        schema={"query_id": pl.String, "known_pos_ids": pl.List(pl.String)},
-    )
-
-
-def with_texts(rows: pa.Table, doc_text: TextColumn, query_text: TextColumn,
-               known: pl.DataFrame) -> pa.Table:
-    """Rows of shard_table (one shard's) -> the SHARD table: the query, positive and negative
-    texts looked up by id, and the query's known positives (``known_table``)."""
-    return _shard_rows(rows, query_text.take(rows.column("query_id")),
-                       doc_text.take(rows.column("pos_id")),
-                       doc_text.take_lists(rows.column("neg_ids")), known)  # fmt: skip
-
-
-def with_row_texts(rows: pa.Table, texts: pa.ChunkedArray, known: pl.DataFrame) -> pa.Table:
-    """``with_texts`` for rows that carry their query text and their docs' numbers (``query``,
-    ``pos_row``, ``neg_rows``: ``text_rows``): the texts taken by number from the corpus's
-    text column (a memory-mapped file in a worker), no id looked up."""
+def with_row_texts(rows: pa.Table, texts: pa.ChunkedArray, ids: pa.Array,
+                   known: pl.DataFrame) -> pa.Table:
+    """Rows of ``text_rows`` (one shard's: they carry their query text and their docs' numbers,
+    ``pos_row`` and ``neg_rows``) -> the SHARD table: the docs' ids and texts taken by number
+    from the corpus's id and text columns (memory-mapped files in a worker), and the query's
+    known positives (``known_table``)."""
     negs = rows.column("neg_rows").combine_chunks()
-    offsets = pc.subtract(negs.offsets, negs.offsets[0])
-    neg_texts = texts.take(negs.flatten()).combine_chunks().cast(pa.string())
-    return _shard_rows(rows, rows.column("query").combine_chunks(),
-                       texts.take(rows.column("pos_row")).combine_chunks().cast(pa.string()),
-                       pa.ListArray.from_arrays(offsets, neg_texts), known)  # fmt: skip
+    offsets = pc.subtract(negs.offsets, negs.offsets[0])  # a slice's offsets start past 0
+    pos, flat = rows.column("pos_row"), negs.flatten()
+
+    def take(column, at) -> pa.Array:
+        got = column.take(at)
+        return (got.combine_chunks() if isinstance(got, pa.ChunkedArray) else got).cast(
+            pa.string())
+
+    return _shard_rows(rows, {
+        "query": rows.column("query").combine_chunks().cast(pa.string()),
+        "pos_id": take(ids, pos), "pos": take(texts, pos),
+        "neg_ids": pa.ListArray.from_arrays(offsets, take(ids, flat)),
+        "negs": pa.ListArray.from_arrays(offsets, take(texts, flat)),
+    }, known)  # fmt: skip
 
 
-def text_rows(table: pa.Table, doc_rows, query_text: TextColumn) -> pa.Table:
-    """The shard table plus what ``with_row_texts`` reads instead of ids: the query text and the
-    row number of the positive and of every negative (``doc_rows``: ids -> numbers)."""
-    negs = table.column("neg_ids").combine_chunks()
-    offsets = pc.subtract(negs.offsets, negs.offsets[0])
-    neg_rows = pa.array(doc_rows(pl.from_arrow(negs.flatten())), pa.int64())
-    pos_rows = pa.array(doc_rows(pl.from_arrow(table.column("pos_id"))), pa.int64())
-    if pc.any(pc.less(neg_rows, 0)).as_py() or pc.any(pc.less(pos_rows, 0)).as_py():
-        raise KeyError("a shard row names a doc id the corpus does not hold")  # a bug, not input
-    return table.append_column("query", query_text.take(table.column("query_id"))).append_column(
-        "pos_row", pos_rows
-    ).append_column("neg_rows", pa.ListArray.from_arrays(offsets, neg_rows))
+def text_rows(table: pa.Table, query_text: TextColumn) -> pa.Table:
+    """The shard table (``shard_table``: it carries the docs' numbers, ``pos_row`` and
+    ``neg_rows``) plus the query text: what ``with_row_texts`` reads instead of ids."""
+    return table.append_column("query", query_text.take(table.column("query_id")))
 
 
 def fill_shard(rows_path: str, start: int, bounds: tuple[int, ...], out_path: str,
-               texts_path: str, known_path: str) -> str:
+               texts_path: str, ids_path: str, known_path: str) -> str:
     """A worker task: rows ``start`` .. of the staged shard rows (``text_rows``, an Arrow file)
-    -> one shard file at ``out_path``, its texts read from the memory-mapped corpus texts and
-    its queries' known positives from ``known_path``. Arguments are paths and numbers: the
-    scheduler carries no text."""
+    -> one shard file at ``out_path``, its texts read from the memory-mapped corpus texts, its
+    doc ids from the index stage's id file and its queries' known positives from
+    ``known_path``. Arguments are paths and numbers: the scheduler carries no text."""
+    import pyarrow.parquet as pq
+
     from curate.batch.shards import write_shard
     from curate.mine.negatives import load_doc_texts
 
     rows = pa.ipc.open_file(pa.memory_map(rows_path)).read_all().slice(start, bounds[-1])
     queries = pl.from_arrow(rows.column("query_id")).unique()
     known = pl.scan_parquet(known_path).filter(pl.col("query_id").is_in(queries.implode()))
-    filled = with_row_texts(rows, load_doc_texts(texts_path), known.collect())
+    ids = pq.read_table(ids_path, columns=["doc_id"]).column("doc_id")
+    filled = with_row_texts(rows, load_doc_texts(texts_path), ids, known.collect())
     write_shard(filled, bounds, Path(out_path))
     return out_path
 
 
-def _shard_rows(rows: pa.Table, query, pos, negs, known: pl.DataFrame) -> pa.Table:
+def _shard_rows(rows: pa.Table, filled: dict, known: pl.DataFrame) -> pa.Table:
     want = pl.DataFrame({"query_id": pl.from_arrow(rows.column("query_id"))})
     kp = want.join(known, on="query_id", how="left", maintain_order="left")["known_pos_ids"]
-    filled = {"query": query, "pos": pos, "negs": negs,
-              "known_pos_ids": _arrow(kp, pa.list_(pa.string()))}  # fmt: skip
+    filled = {**filled, "known_pos_ids": _arrow(kp, pa.list_(pa.string()))}
     return pa.table([filled[f.name] if f.name in filled else rows.column(f.name)
                      for f in schema.SHARD], schema=schema.SHARD)  # fmt: skip
 
 
 def shard_table(
     rows_df: pl.DataFrame,
-    rows: list[Row],
+    rows: RowTable,
     cfg: BatchConfig,
     seed: int,
     num_negatives: int | None = None,
 ) -> tuple[pa.Table, Counter, Counter]:
-    """Compose batches and lay the rows out in batch order (the SHARD columns but the texts and
-    known positives: ``with_texts`` adds them per shard); each row keeps ``num_negatives``
-    (None: all) of its mined negatives and spares.
+    """Compose batches and lay the rows out in batch order: the SHARD columns but the doc ids,
+    texts and known positives (``with_row_texts`` adds them per shard, from ``pos_row`` and
+    ``neg_rows``: the docs' numbers). Each row keeps ``num_negatives`` (None: all) of its mined
+    negatives and spares.
     -> (table, composer statistics, where each row's negatives went: see ``_fate``)."""
-    batches, negs, stats = compose(rows, cfg, seed, num_negatives)
-    order = [i for b in batches for i in b]
-    batch_id = [b for b, rows_b in enumerate(batches) for _ in rows_b]
-    df = rows_df[order]
-    kept = [negs[i] for i in order]
-    # The composer keeps a subset of each row's negatives and spares (those not already in the
-    # batch); keep the scores and ranks aligned with the ids that remain.
-    fate: Counter = Counter()
-    picks = []
-    for k, ids in zip(kept, df["neg_ids"].to_list()):
-        keep = set(k)
-        picks.append([j for j, n in enumerate(ids) if n in keep])
-        fate.update(_fate(len(ids), picks[-1], num_negatives))
-    cols = {n: v.to_list() for n, v in schema.keep_negatives(df, picks).select(*schema.NEGATIVES)
-            .to_dict().items()}  # fmt: skip
-    placed = set(order)
-    fate["dropped_last"] = sum(
-        len(n) for i, n in enumerate(rows_df["neg_ids"].to_list()) if i not in placed
-    )
+    batches, kept, stats = compose(rows, cfg, seed, num_negatives)
+    sizes = np.array([len(b) for b in batches], dtype=np.int64)
+    order = np.fromiter((i for b in batches for i in b), dtype=np.int64, count=int(sizes.sum()))
+    # The placed rows' negatives as flat positions: ``owner`` (placed row), ``rel`` (place in
+    # its row), ``flat`` (in the rows' flattened lists); the composer kept those ``keep``.
+    lens = np.diff(rows.neg_offsets)[order]
+    owner = np.repeat(np.arange(len(order)), lens)
+    rel = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+    flat = np.repeat(rows.neg_offsets[order], lens) + rel
+    keep = kept.mask[flat]
+    fate = _fate(owner, rel, keep, len(order), num_negatives)
+    fate["dropped_last"] = int(len(kept.mask) - len(flat))  # the negatives of rows not placed
     # What the composer counted while placing rows, replaced by what was kept in the end (its
     # in-batch count also covered rows that drop_last removed afterwards).
     stats["neg_dropped_in_batch"] = fate["dropped_in_batch"]
     stats["neg_spares_used"] = fate.pop("spares_used")
     stats.pop("rows_short_of_negatives", None)  # counted from the table: see shard_counts
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(owner[keep], minlength=len(order)))])
+    take = pa.array(flat[keep])
+    df = rows_df.select("query_id", "pos_score", "topic")[order]
+    negs = {name: pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
+                                           _flat(rows_df[name]).take(take).cast(kind))
+            for name, kind in (("neg_scores", pa.float32()), ("neg_ranks", pa.int32()))}
     table = pa.table(
         {
-            "batch_id": pa.array(batch_id, pa.int64()),
+            "batch_id": pa.array(np.repeat(np.arange(len(batches)), sizes), pa.int64()),
             "query_id": _arrow(df["query_id"], pa.string()),
-            "pos_id": _arrow(df["pos_id"], pa.string()),
             "pos_score": _arrow(df["pos_score"], pa.float32()),
-            "neg_ids": pa.array(cols["neg_ids"], pa.list_(pa.string())),
-            "neg_scores": pa.array(cols["neg_scores"], pa.list_(pa.float32())),
-            "neg_ranks": pa.array(cols["neg_ranks"], pa.list_(pa.int32())),
+            **negs,
             "topic": _arrow(df["topic"], pa.int32()),
+            "pos_row": pa.array(rows.pos[order], pa.int64()),
+            "neg_rows": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
+                                                 pa.array(rows.negs[flat[keep]], pa.int64())),
         },
-    )
+    )  # fmt: skip
     return table, stats, fate
 
 
@@ -238,26 +285,30 @@ def _arrow(column: pl.Series, kind: pa.DataType) -> pa.Array:
     return (arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr).cast(kind)
 
 
-def _fate(n: int, pick: list[int], want: int | None) -> Counter:
-    """Where a placed row's ``n`` negatives went, given the positions ``pick`` kept in the
-    shards. The composer walks them in order, skipping any already in the batch, until it has
-    ``want``: a skipped one before the last kept, or any skipped when the row is short, was
-    already in the batch; those after the last kept, once the row was full, were not needed."""
-    full = want is not None and len(pick) >= want
-    last = pick[-1] if pick else -1
-    taken = set(pick)
-    skipped = [j for j in range(n) if j not in taken]
+def _fate(owner: np.ndarray, rel: np.ndarray, keep: np.ndarray, n_rows: int,
+          want: int | None) -> Counter:
+    """Where the placed rows' negatives went: negative k is at place ``rel[k]`` of placed row
+    ``owner[k]``, and ``keep[k]`` says whether the shards hold it. The composer walks a row's
+    negatives in order, skipping any already in the batch, until it has ``want``: a skipped one
+    before the last kept, or any skipped when the row is short, was already in the batch; those
+    after the last kept, once the row was full, were not needed."""
+    n_kept = np.bincount(owner[keep], minlength=n_rows)
+    full = n_kept >= want if want is not None else np.zeros(n_rows, dtype=bool)
+    last = np.full(n_rows, -1, dtype=np.int64)
+    np.maximum.at(last, owner[keep], rel[keep])
+    skip_owner, skip_rel = owner[~keep], rel[~keep]
+    skip_full, skip_last = full[skip_owner], last[skip_owner]
     return Counter(
-        kept=len(pick),
-        spares_used=sum(j >= want for j in pick) if want is not None else 0,
-        dropped_in_batch=sum(not full or j < last for j in skipped),
-        spare_unused=sum(full and j > last for j in skipped),
+        kept=int(keep.sum()),
+        spares_used=int((rel[keep] >= want).sum()) if want is not None else 0,
+        dropped_in_batch=int((~skip_full | (skip_rel < skip_last)).sum()),
+        spare_unused=int((skip_full & (skip_rel > skip_last)).sum()),
     )
 
 
 def shard_counts(table: pa.Table, num_negatives: int) -> dict[str, int]:
     """Counts read off the shard table itself (what a trainer will see)."""
-    lens = pc.list_value_length(table.column("neg_ids")).to_numpy(zero_copy_only=False)
+    lens = pc.list_value_length(table.column("neg_rows")).to_numpy(zero_copy_only=False)
     return {
         "rows": table.num_rows,
         "negatives": int(lens.sum()),

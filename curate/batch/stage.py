@@ -26,7 +26,7 @@ from curate.batch.curation import (
     shard_funnel,
     shard_table,
     text_rows,
-    with_texts,
+    with_row_texts,
 )
 from curate.config import Config
 from curate.files import sha256, write_table
@@ -71,21 +71,11 @@ def canonical_map(cfg: Config, read: Read, emb: Embedded) -> tuple[dict[str, str
     return canon, info
 
 
-def rejected_docs(forbidden: pa.Table, mined: pl.DataFrame, canon: dict[str, str]
-                  ) -> dict[str, set[str]]:
-    """query_id -> the docs among its mined negatives (canonical ids) it must never see as a
-    negative. Only those: a set of every forbidden pair would be one Python object per pair
-    (tens of millions at corpus scale) for lookups that are all of mined negatives."""
-    negs = mined.select("query_id", pl.col("neg_ids").alias("doc_id")).explode("doc_id")
-    negs = negs.drop_nulls()
-    if canon:
-        negs = negs.with_columns(pl.col("doc_id").replace(canon))
-    hit = negs.join(pl.from_arrow(forbidden.select(["query_id", "doc_id"])),
-                    on=["query_id", "doc_id"], how="semi").unique()  # fmt: skip
-    rejected: dict[str, set[str]] = {}
-    for q, d in hit.iter_rows():
-        rejected.setdefault(q, set()).add(d)
-    return rejected
+def _arrow_texts(texts) -> pa.Array | pa.ChunkedArray:
+    """The read stage's texts (mapped Arrow, or a polars Series or list) as Arrow."""
+    if isinstance(texts, (pa.Array, pa.ChunkedArray)):
+        return texts
+    return texts.to_arrow() if isinstance(texts, pl.Series) else pa.array(texts, pa.string())
 
 
 def train_queries(mined: Mined) -> list[str]:
@@ -100,6 +90,9 @@ def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined,
     ``topic_of``: each training query's topic when computed elsewhere (a worker task), else
     here from the query vectors. ``tasks``: runs the shard writers on the cluster (they read
     the doc texts from the index's files there), else they run here."""
+    if not emb.doc_ids.equals(read.corpus["doc_id"]):  # the shards take texts by doc number
+        raise ValueError("the embeddings' doc ids are not the corpus's, in its order: embed the "
+                         "read stage's corpus (pipelines.stages.embed_stage)")
     canon, dedup_info = canonical_map(cfg, read, emb)
     mined_df = pl.from_arrow(mined.pairs)
     if topic_of is None:
@@ -108,21 +101,21 @@ def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined,
                                 cfg.seed)  # fmt: skip
     # Under canonical ids, as the shards: the mask then catches a rejected doc's twin too.
     forbidden = canonical_forbidden(mined.forbidden, canon)
-    rows_df, rows, stats = build_rows(
-        mined_df, mined.known, canon, topic_of, rejected_docs(forbidden, mined_df, canon)
-    )
+    rows_df, rows, stats = build_rows(mined_df, mined.known, canon, topic_of, emb.doc_ids,
+                                      forbidden)  # fmt: skip
     table, batch_stats, fate = shard_table(rows_df, rows, cfg.batch, cfg.seed,
                                            cfg.mine.num_negatives)
     query_text = TextColumn(read.dataset.queries["query_id"], read.dataset.queries["text"])
-    known = known_table(rows)
+    known = known_table(mined.known, canon, rows_df["query_id"])
+    del rows_df, rows
     shard_dir = out / "shards"
     if tasks is None:
-        doc_text = TextColumn(read.corpus["doc_id"], read.texts)
-        files = shards.write_shards(table, shard_dir, cfg.batch.batches_per_shard,
-                                    fill=lambda part: with_texts(part, doc_text, query_text, known))
+        ids, texts = emb.doc_ids.to_arrow(), _arrow_texts(read.texts)
+        files = shards.write_shards(
+            table, shard_dir, cfg.batch.batches_per_shard,
+            fill=lambda part: with_row_texts(text_rows(part, query_text), texts, ids, known))
     else:
-        staged = _Staged(out / "work" / "shards-staging",
-                         text_rows(table, emb.doc_rows, query_text), known)  # fmt: skip
+        staged = _Staged(out / "work" / "shards-staging", text_rows(table, query_text), known)
         files = shards.write_shards(table, shard_dir, cfg.batch.batches_per_shard,
                                     write_many=lambda jobs: staged.write(jobs, tasks))
         shutil.rmtree(staged.folder)
@@ -162,10 +155,11 @@ class _Staged:
             w.write_table(rows)
         known.write_parquet(self.known)
         self.texts = self.folder.parent / "doc_texts.arrow"  # the index stage's
+        self.ids = self.folder.parent / "doc_ids.parquet"
 
     def write(self, jobs: list[shards.ShardJob], tasks: Tasks) -> list[Path]:
         args = [(str(self.rows), j.start, j.bounds, str(self.folder / j.name), str(self.texts),
-                 str(self.known)) for j in jobs]  # fmt: skip
+                 str(self.ids), str(self.known)) for j in jobs]  # fmt: skip
         return [Path(p) for p in tasks(fill_shard, args, "shards")]
 
 
