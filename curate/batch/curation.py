@@ -15,7 +15,6 @@ from curate import schema
 from curate.batch import topics
 from curate.batch.compose import RowTable, compose
 from curate.config import BatchConfig
-from curate.records import rows_of
 
 
 def canonical_forbidden(forbidden: pa.Table, canon: dict[str, str]) -> pa.Table:
@@ -34,7 +33,7 @@ def canonical_forbidden(forbidden: pa.Table, canon: dict[str, str]) -> pa.Table:
 
 
 def build_rows(
-    mined: pl.DataFrame,
+    mined: pa.Table | pl.DataFrame,
     known: dict[str, list[str]],
     canon: dict[str, str],
     topic_of: dict[str, int],
@@ -45,27 +44,29 @@ def build_rows(
     positive, another negative of its row or a doc forbidden for its query (``forbidden``, under
     canonical ids) is dropped and counted. -> (the pairs' query_id, pos_score, and negative
     scores and ranks so cut, plus topic; the composer's rows, ids as doc numbers in ``doc_ids``;
-    counts). Columns throughout: no Python object per row."""
+    counts). Ids become numbers by Arrow hash lookups on the mined table as it is: no Python
+    object per row, and no copy of its id columns (at 1M rows, joins on polars copies of them
+    cost ~0.8 GB)."""
     stats: Counter = Counter()
-    queries = mined["query_id"].unique(maintain_order=True)
-    qnum = rows_of(queries, mined["query_id"])
-    negs = _arrow(mined["neg_ids"], pa.large_list(pa.large_string()))
+    if isinstance(mined, pl.DataFrame):
+        mined = mined.to_arrow()
+    docs = _arrow(doc_ids, pa.large_string())
+    queries = pc.unique(mined.column("query_id")).cast(pa.large_string())
+    qnum = _numbers(mined.column("query_id"), queries)
+    negs = mined.column("neg_ids").combine_chunks()
     row = pc.list_parent_indices(negs).to_numpy().astype(np.int64)
-    neg_ids, pos_ids = pl.from_arrow(negs.flatten()), mined["pos_id"]
-    del negs  # each id column is mapped to doc numbers and let go: ~100 B per id
-    if canon:
-        neg_ids, pos_ids = neg_ids.replace(canon), pos_ids.replace(canon)
-    pos, neg = rows_of(doc_ids, pos_ids), rows_of(doc_ids, neg_ids)
-    del neg_ids, pos_ids
+    dup = _numbers(pa.array(list(canon), pa.large_string()), docs)
+    to = _numbers(pa.array(list(canon.values()), pa.large_string()), docs)
+    pos = _canonical(_numbers(mined.column("pos_id"), docs), dup, to)
+    neg = _canonical(_numbers(negs.flatten(), docs), dup, to)
+    del negs
     if (pos < 0).any() or (neg < 0).any():
         raise KeyError("a mined pair names a doc id the corpus does not hold")  # a bug, not input
-    kp = known_pairs(known, canon, queries)
-    kq, kc = kp["q"].to_numpy(), rows_of(doc_ids, kp["doc_id"])
+    kp = known_pairs(known, canon, pl.from_arrow(queries))
+    kq, kc = kp["q"].to_numpy(), _numbers(kp["doc_id"].to_arrow(), docs)
     del kp
-    fb = pl.from_arrow((forbidden if forbidden is not None else schema.FORBIDDEN.empty_table())
-                       .select(["query_id", "doc_id"]))  # fmt: skip
-    fq, fc = rows_of(queries, fb["query_id"]), rows_of(doc_ids, fb["doc_id"])
-    del fb
+    fb = forbidden if forbidden is not None else schema.FORBIDDEN.empty_table()
+    fq, fc = _numbers(fb.column("query_id"), queries), _numbers(fb.column("doc_id"), docs)
     # (query, doc) as one integer; a known or forbidden doc outside the corpus (-1) or a forbidden
     # pair of another query matches no negative.
     n = len(doc_ids) + 1
@@ -78,19 +79,39 @@ def build_rows(
     if dropped := int(len(neg) - first.sum()):
         stats["neg_dropped_as_duplicate"] = dropped
     keep = np.flatnonzero(first)
-    topic_q = np.array([topic_of[q] for q in queries.to_list()], dtype=np.int64)
+    topic_q = np.array([topic_of[q] for q in queries.to_pylist()], dtype=np.int64)
     rows = RowTable(
         pos=pos, neg_offsets=_offsets(row[keep], len(qnum)), negs=neg[keep],
         topic=topic_q[qnum], query=qnum,
         known_offsets=_offsets(kq[kc >= 0], len(queries)), known=kc[kc >= 0],
     )  # fmt: skip
     # The ids live on as doc numbers in ``rows`` (the shard tasks turn them back into ids).
-    out = mined.select("query_id", "pos_score").with_columns(
-        *(_relist(name, rows.neg_offsets, _flat(mined[name]).take(keep), kind)
+    frame = pl.from_arrow(mined.select(["query_id", "pos_score", "neg_scores", "neg_ranks"]))
+    out = frame.select("query_id", "pos_score").with_columns(
+        *(_relist(name, rows.neg_offsets, _flat(frame[name]).take(keep), kind)
           for name, kind in (("neg_scores", pl.Float32), ("neg_ranks", pl.Int32))),
         pl.Series("topic", rows.topic, pl.Int32),
     )  # fmt: skip
     return out, rows, stats
+
+
+def _numbers(ids: pa.Array | pa.ChunkedArray, keys: pa.Array) -> np.ndarray:
+    """The place of each of ``ids`` in ``keys`` (-1 where absent), by Arrow's hash lookup."""
+    got = pc.index_in(ids.cast(keys.type), value_set=keys)
+    return pc.fill_null(got, -1).to_numpy().astype(np.int64)
+
+
+def _canonical(rows: np.ndarray, dup: np.ndarray, to: np.ndarray) -> np.ndarray:
+    """Doc numbers with each duplicate's (``dup``) replaced by its canonical doc's (``to``)."""
+    if not len(dup):
+        return rows
+    order = np.argsort(dup)
+    dup, to = dup[order], to[order]
+    at = np.minimum(np.searchsorted(dup, rows), len(dup) - 1)
+    hit = dup[at] == rows
+    out = rows.copy()
+    out[hit] = to[at[hit]]
+    return out
 
 
 def _offsets(owner: np.ndarray, n: int) -> np.ndarray:

@@ -94,14 +94,13 @@ def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined,
         raise ValueError("the embeddings' doc ids are not the corpus's, in its order: embed the "
                          "read stage's corpus (pipelines.stages.embed_stage)")
     canon, dedup_info = canonical_map(cfg, read, emb)
-    mined_df = pl.from_arrow(mined.pairs)
     if topic_of is None:
         train_q = train_queries(mined)
         topic_of = query_topics(train_q, emb.query_vecs[emb.query_rows(train_q)], cfg.batch,
                                 cfg.seed)  # fmt: skip
     # Under canonical ids, as the shards: the mask then catches a rejected doc's twin too.
     forbidden = canonical_forbidden(mined.forbidden, canon)
-    rows_df, rows, stats = build_rows(mined_df, mined.known, canon, topic_of, emb.doc_ids,
+    rows_df, rows, stats = build_rows(mined.pairs, mined.known, canon, topic_of, emb.doc_ids,
                                       forbidden)  # fmt: skip
     table, batch_stats, fate = shard_table(rows_df, rows, cfg.batch, cfg.seed,
                                            cfg.mine.num_negatives)
@@ -128,7 +127,7 @@ def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined,
         "docs": read.corpus.height,
         "duplicate_docs": sum(d != c for d, c in canon.items()),
         "queries": read.dataset.queries.height,
-        "train_pairs": mined_df.height,
+        "train_pairs": mined.pairs.num_rows,
         "rows": table.num_rows,
         "topics": len(set(topic_of.values())),
         "forbidden_pairs": forbidden.num_rows,
