@@ -50,15 +50,16 @@ def build_rows(
     stats: Counter = Counter()
     if isinstance(mined, pl.DataFrame):
         mined = mined.to_arrow()
-    docs = _arrow(doc_ids, pa.large_string())
-    queries = pc.unique(mined.column("query_id")).cast(pa.large_string())
+    docs = _arrow(doc_ids, pa.string())  # the mined table's type: its ids are looked up uncast
+    queries = pc.unique(mined.column("query_id")).cast(pa.string())
     qnum = _numbers(mined.column("query_id"), queries)
-    negs = mined.column("neg_ids").combine_chunks()
-    row = pc.list_parent_indices(negs).to_numpy().astype(np.int64)
-    dup = _numbers(pa.array(list(canon), pa.large_string()), docs)
-    to = _numbers(pa.array(list(canon.values()), pa.large_string()), docs)
+    negs = mined.column("neg_ids")  # chunk by chunk (one per mined partition): no combined copy
+    lens = pc.fill_null(pc.list_value_length(negs), 0).to_numpy()
+    offsets = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
+    dup = _numbers(pa.array(list(canon), pa.string()), docs)
+    to = _numbers(pa.array(list(canon.values()), pa.string()), docs)
     pos = _canonical(_numbers(mined.column("pos_id"), docs), dup, to)
-    neg = _canonical(_numbers(negs.flatten(), docs), dup, to)
+    neg = _canonical(_numbers(pc.list_flatten(negs), docs), dup, to)
     del negs
     if (pos < 0).any() or (neg < 0).any():
         raise KeyError("a mined pair names a doc id the corpus does not hold")  # a bug, not input
@@ -70,18 +71,24 @@ def build_rows(
     # (query, doc) as one integer; a known or forbidden doc outside the corpus (-1) or a forbidden
     # pair of another query matches no negative.
     n = len(doc_ids) + 1
-    key = qnum[row] * n + neg
-    drop = (neg == pos[row]) | np.isin(key, kq * n + kc) | np.isin(key, (fq * n + fc)[fq >= 0])
-    del key
+    known_keys, forbidden_keys = np.sort(kq * n + kc), np.sort((fq * n + fc)[fq >= 0])
     first = np.zeros(len(neg), dtype=bool)  # a doc's first place in its row, of those not dropped
-    _, at = np.unique((row * n + neg)[~drop], return_index=True)
-    first[np.flatnonzero(~drop)[at]] = True
+    for r0 in range(0, len(qnum), _ROWS_AT_ONCE):  # a bounded share of the negatives at a time
+        r1 = min(r0 + _ROWS_AT_ONCE, len(qnum))
+        a, b = offsets[r0], offsets[r1]
+        row = np.repeat(np.arange(r0, r1), np.diff(offsets[r0 : r1 + 1]))
+        c = neg[a:b]
+        key = qnum[row] * n + c
+        ok = np.flatnonzero((c != pos[row]) & ~_member(known_keys, key)
+                            & ~_member(forbidden_keys, key))  # fmt: skip
+        _, at = np.unique((row * n + c)[ok], return_index=True)
+        first[a + ok[at]] = True
     if dropped := int(len(neg) - first.sum()):
         stats["neg_dropped_as_duplicate"] = dropped
     keep = np.flatnonzero(first)
     topic_q = np.array([topic_of[q] for q in queries.to_pylist()], dtype=np.int64)
     rows = RowTable(
-        pos=pos, neg_offsets=_offsets(row[keep], len(qnum)), negs=neg[keep],
+        pos=pos, neg_offsets=np.concatenate([[0], np.cumsum(first)])[offsets], negs=neg[keep],
         topic=topic_q[qnum], query=qnum,
         known_offsets=_offsets(kq[kc >= 0], len(queries)), known=kc[kc >= 0],
     )  # fmt: skip
@@ -95,9 +102,20 @@ def build_rows(
     return out, rows, stats
 
 
+_ROWS_AT_ONCE = 100_000
+
+
+def _member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Bool [len(keys)]: each key is in ``sorted_keys``."""
+    if not len(sorted_keys):
+        return np.zeros(len(keys), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[at] == keys
+
+
 def _numbers(ids: pa.Array | pa.ChunkedArray, keys: pa.Array) -> np.ndarray:
     """The place of each of ``ids`` in ``keys`` (-1 where absent), by Arrow's hash lookup."""
-    got = pc.index_in(ids.cast(keys.type), value_set=keys)
+    got = pc.index_in(ids if ids.type == keys.type else ids.cast(keys.type), value_set=keys)
     return pc.fill_null(got, -1).to_numpy().astype(np.int64)
 
 
