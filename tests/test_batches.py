@@ -302,3 +302,34 @@ def test_text_hash_column_is_the_u64_prefix_of_the_text_hash():
     got = add_text_hash(corpus)["hash"]
     assert got.dtype == pl.UInt64
     assert got.to_list() == [int(text_hash("T x y")[:16], 16), int(text_hash(" Z")[:16], 16)]
+
+
+def test_build_rows_drops_by_doc_number_per_query():
+    """build_rows on doc numbers: a duplicate maps onto its canonical doc (and then repeats one
+    already in the row), a known positive and a forbidden doc are dropped for their own query
+    only, a repeated id is kept once; scores and ranks stay aligned with what is kept."""
+    import pyarrow as pa
+
+    from curate import schema
+    from curate.batch.compose import RowTable
+    from curate.batch.curation import build_rows
+
+    docs = pl.Series(["a", "b", "b2", "c", "k", "f"], dtype=pl.String)
+    negs = [["b", "c", "b2", "k", "f", "c"], ["k", "f", "b2"]]
+    scores = [[0.6, 0.5, 0.4, 0.3, 0.2, 0.1], [0.7, 0.6, 0.5]]
+    mined = pa.table({
+        "query_id": ["q", "q2"], "pos_id": ["a", "c"], "pos_score": [0.9, 0.8],
+        "neg_ids": negs, "neg_scores": scores, "neg_ranks": [[1, 2, 3, 4, 5, 6], [1, 2, 3]],
+    }).cast(schema.MINED)  # fmt: skip
+    forbidden = pa.table({"query_id": ["q"], "doc_id": ["f"], "reason": ["near_duplicate"],
+                          "score": pa.array([0.2], pa.float32())}, schema=schema.FORBIDDEN)
+    known = {"q": ["a", "k"], "q2": ["c"]}
+    out, rows, stats = build_rows(mined, known, {"b2": "b"}, {"q": 3, "q2": 5}, docs, forbidden)
+    assert isinstance(rows, RowTable) and len(rows) == 2
+    assert [docs[list(rows[i].negs)].to_list() for i in range(2)] == [["b", "c"], ["k", "f", "b"]]
+    assert rows[0].known == frozenset({0, 4}) and rows[1].known == frozenset({3})
+    assert (rows[0].pos, rows[0].topic, rows[1].topic) == (0, 3, 5)
+    assert stats["neg_dropped_as_duplicate"] == 4
+    assert out["neg_scores"].to_list() == [pytest.approx([0.6, 0.5]),
+                                           pytest.approx([0.7, 0.6, 0.5])]  # fmt: skip
+    assert out["neg_ranks"].to_list() == [[1, 2], [1, 2, 3]] and out["topic"].to_list() == [3, 5]
