@@ -285,10 +285,13 @@ def shard_table(
     order = np.fromiter((i for b in batches for i in b), dtype=np.int64, count=int(sizes.sum()))
     # The placed rows' negatives as flat positions: ``owner`` (placed row), ``rel`` (place in
     # its row), ``flat`` (in the rows' flattened lists); the composer kept those ``keep``.
+    # int32 while they fit: four arrays of every negative (10M at 1M rows)
+    ix = np.int32 if len(kept.mask) < 2**31 else np.int64
     lens = np.diff(rows.neg_offsets)[order]
-    owner = np.repeat(np.arange(len(order)), lens)
-    rel = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
-    flat = np.repeat(rows.neg_offsets[order], lens) + rel
+    owner = np.repeat(np.arange(len(order), dtype=ix), lens)
+    starts = (np.cumsum(lens) - lens).astype(ix)
+    rel = np.arange(int(lens.sum()), dtype=ix) - np.repeat(starts, lens)
+    flat = np.repeat(rows.neg_offsets[order].astype(ix), lens) + rel
     keep = kept.mask[flat]
     fate = _fate(owner, rel, keep, len(order), num_negatives)
     fate["dropped_last"] = int(len(kept.mask) - len(flat))  # the negatives of rows not placed
