@@ -34,19 +34,19 @@ def canonical_forbidden(forbidden: pa.Table, canon: dict[str, str]) -> pa.Table:
 
 def build_rows(
     mined: pa.Table | pl.DataFrame,
-    known: dict[str, list[str]],
+    known: dict[str, list[str]] | pl.DataFrame,
     canon: dict[str, str],
     topic_of: dict[str, int],
     doc_ids: pl.Series,
     forbidden: pa.Table | None = None,
 ) -> tuple[pl.DataFrame, RowTable, Counter]:
     """Remap every id to its canonical id; a negative that collapses onto the positive, a known
-    positive, another negative of its row or a doc forbidden for its query (``forbidden``, under
-    canonical ids) is dropped and counted. -> (the pairs' query_id, pos_score, and negative
-    scores and ranks so cut, plus topic; the composer's rows, ids as doc numbers in ``doc_ids``;
-    counts). Ids become numbers by Arrow hash lookups on the mined table as it is: no Python
-    object per row, and no copy of its id columns (at 1M rows, joins on polars copies of them
-    cost ~0.8 GB)."""
+    positive (``known``: query -> ids, or its ``known_table``), another negative of its row or a
+    doc forbidden for its query (``forbidden``, under canonical ids) is dropped and counted.
+    -> (the pairs' query_id, pos_score, and negative scores and ranks so cut, plus topic; the
+    composer's rows, ids as doc numbers in ``doc_ids``; counts). Ids become numbers by Arrow hash
+    lookups on the mined table as it is: no Python object per row, and no copy of its id
+    columns (at 1M rows, joins on polars copies of them cost ~0.8 GB)."""
     stats: Counter = Counter()
     if isinstance(mined, pl.DataFrame):
         mined = mined.to_arrow()
@@ -63,9 +63,14 @@ def build_rows(
     del negs
     if (pos < 0).any() or (neg < 0).any():
         raise KeyError("a mined pair names a doc id the corpus does not hold")  # a bug, not input
-    kp = known_pairs(known, canon, pl.from_arrow(queries))
-    kq, kc = kp["q"].to_numpy(), _numbers(kp["doc_id"].to_arrow(), docs)
-    del kp
+    if isinstance(known, dict):
+        known = known_table(known, canon, pl.from_arrow(mined.column("query_id")))
+    lists = _arrow(known["known_pos_ids"], pa.list_(pa.string()))
+    kq = _numbers(known["query_id"].to_arrow(), queries)[
+        pc.list_parent_indices(lists).to_numpy()]  # fmt: skip
+    kc = _numbers(lists.flatten(), docs)
+    by_query = np.argsort(kq, kind="stable")  # the RowTable's known slices are by query number
+    kq, kc = kq[by_query], kc[by_query]
     fb = forbidden if forbidden is not None else schema.FORBIDDEN.empty_table()
     fq, fc = _numbers(fb.column("query_id"), queries), _numbers(fb.column("doc_id"), docs)
     # (query, doc) as one integer; a known or forbidden doc outside the corpus (-1) or a forbidden
