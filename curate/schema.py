@@ -46,14 +46,14 @@ FORBIDDEN_REASONS = (*FALSE_NEGATIVE_REASONS, CONFIRMED_FALSE_NEGATIVE)
 OTHER_REASONS = ("out_of_window", "not_selected", "spare")  # not forbidden: only not kept
 
 # The negatives of a row: entry j of each list is one negative (id, score, rank); a filter keeps
-# them aligned through ``keep_negatives``, never by hand.
+# them aligned through ``keep_negatives`` (the batch stage, on doc numbers, cuts the scores and
+# ranks by the same flat positions: curate.batch.curation.build_rows).
 NEGATIVES = ("neg_ids", "neg_scores", "neg_ranks")
 
 
-def keep_negatives(frame: pl.DataFrame, keep: list[list[int]],
-                   ids: list[list[str]] | None = None) -> pl.DataFrame:
+def keep_negatives(frame: pl.DataFrame, keep: list[list[int]]) -> pl.DataFrame:
     """``frame`` with each row's negatives cut to the positions ``keep[row]`` (in that order),
-    the three lists alike; ``ids``: the kept negatives' ids replaced (e.g. by canonical ids)."""
+    the three lists alike."""
     import polars as pl  # here: the schemas alone load without it (the GPU image has none)
 
     types = (pl.List(pl.String), pl.List(pl.Float32), pl.List(pl.Int32))
@@ -61,8 +61,6 @@ def keep_negatives(frame: pl.DataFrame, keep: list[list[int]],
     for row, picks in zip(frame.select(*NEGATIVES).iter_rows(), keep, strict=True):
         for name, values in zip(NEGATIVES, row, strict=True):
             cut[name].append([values[j] for j in picks])
-    if ids is not None:
-        cut["neg_ids"] = ids
     return frame.with_columns(pl.Series(n, cut[n], t) for n, t in zip(NEGATIVES, types))
 
 # Candidates rejected as likely false negatives; the trainer's mask obeys them.

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from curate.batch.compose import Row, compose
-from curate.batch.dedup import add_text_hash, canonical_ids, remap, semantic_duplicates
+from curate.batch.dedup import add_text_hash, canonical_ids, semantic_duplicates
 from curate.batch.topics import cluster, n_topics_for
 from curate.config import BatchConfig
 
@@ -244,12 +244,6 @@ def test_canonical_ids_map_text_variants_to_smallest_id():
     canon = canonical_ids(add_text_hash(corpus))
     # "Hello world" from title + text collides too: the hash is of title + " " + text.
     assert canon.rows() == [("d2", "d2"), ("d5", "d5"), ("d7", "d2"), ("d9", "d2")]
-
-
-def test_remap_keeps_first_occurrence():
-    canon = {"d9": "d2", "d7": "d2", "d2": "d2"}
-    assert remap(["d9", "d5", "d2", "d7", "d5", "x"], canon) == ["d2", "d5", "x"]
-    assert remap([], canon) == []
 
 
 def test_semantic_duplicates_links_close_vectors():

@@ -110,12 +110,17 @@ def build_rows(
 _ROWS_AT_ONCE = 100_000
 
 
+def _find(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(place in ``sorted_keys`` (non-empty), found) of each of ``keys``."""
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return at, sorted_keys[at] == keys
+
+
 def _member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Bool [len(keys)]: each key is in ``sorted_keys``."""
     if not len(sorted_keys):
         return np.zeros(len(keys), dtype=bool)
-    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
-    return sorted_keys[at] == keys
+    return _find(sorted_keys, keys)[1]
 
 
 def _numbers(ids: pa.Array | pa.ChunkedArray, keys: pa.Array) -> np.ndarray:
@@ -129,9 +134,8 @@ def _canonical(rows: np.ndarray, dup: np.ndarray, to: np.ndarray) -> np.ndarray:
     if not len(dup):
         return rows
     order = np.argsort(dup)
-    dup, to = dup[order], to[order]
-    at = np.minimum(np.searchsorted(dup, rows), len(dup) - 1)
-    hit = dup[at] == rows
+    at, hit = _find(dup[order], rows)
+    to = to[order]
     out = rows.copy()
     out[hit] = to[at[hit]]
     return out
@@ -144,8 +148,7 @@ def _offsets(owner: np.ndarray, n: int) -> np.ndarray:
 
 def _flat(column: pl.Series) -> pa.Array:
     """A list column's values, one array."""
-    arr = column.to_arrow()
-    return (arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr).flatten()
+    return _one(column.to_arrow()).flatten()
 
 
 def _relist(name: str, offsets: np.ndarray, values: pa.Array, kind) -> pl.Series:
@@ -227,9 +230,7 @@ def with_row_texts(rows: pa.Table, texts: pa.ChunkedArray, ids: pa.Array,
     pos, flat = rows.column("pos_row"), negs.flatten()
 
     def take(column, at) -> pa.Array:
-        got = column.take(at)
-        return (got.combine_chunks() if isinstance(got, pa.ChunkedArray) else got).cast(
-            pa.string())
+        return _one(column.take(at)).cast(pa.string())
 
     return _shard_rows(rows, {
         "query": rows.column("query").combine_chunks().cast(pa.string()),
@@ -305,7 +306,7 @@ def shard_table(
     stats["neg_dropped_in_batch"] = fate["dropped_in_batch"]
     stats["neg_spares_used"] = fate.pop("spares_used")
     stats.pop("rows_short_of_negatives", None)  # counted from the table: see shard_counts
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(owner[keep], minlength=len(order)))])
+    offsets = _offsets(owner[keep], len(order))
     take = pa.array(flat[keep])
     df = rows_df.select("query_id", "pos_score", "topic")[order]
     negs = {name: pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
@@ -328,8 +329,12 @@ def shard_table(
 
 def _arrow(column: pl.Series, kind: pa.DataType) -> pa.Array:
     """A polars column as one Arrow array of the shard schema's type, without Python objects."""
-    arr = column.to_arrow()
-    return (arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr).cast(kind)
+    return _one(column.to_arrow()).cast(kind)
+
+
+def _one(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One Arrow array, its chunks combined."""
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
 
 
 def _fate(owner: np.ndarray, rel: np.ndarray, keep: np.ndarray, n_rows: int,

@@ -33,17 +33,6 @@ def canonical_ids(corpus: pl.DataFrame) -> pl.DataFrame:
     ).sort("doc_id")
 
 
-def remap(ids: list[str], canon: dict[str, str]) -> list[str]:
-    """Map ids to canonical ids, keeping the first occurrence of each."""
-    out, seen = [], set()
-    for i in ids:
-        c = canon.get(i, i)
-        if c not in seen:
-            seen.add(c)
-            out.append(c)
-    return out
-
-
 def semantic_duplicates(
     doc_ids: list[str], vecs: np.ndarray, threshold: float, n_clusters: int = 0, seed: int = 0
 ) -> list[tuple[str, str, float]]:

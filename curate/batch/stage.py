@@ -30,6 +30,7 @@ from curate.batch.curation import (
 )
 from curate.config import Config
 from curate.files import sha256, write_table
+from curate.mine.negatives import text_array
 from curate.records import Curated, Embedded, Mined, Read
 
 log = logging.getLogger(__name__)
@@ -71,13 +72,6 @@ def canonical_map(cfg: Config, read: Read, emb: Embedded) -> tuple[dict[str, str
     return canon, info
 
 
-def _arrow_texts(texts) -> pa.Array | pa.ChunkedArray:
-    """The read stage's texts (mapped Arrow, or a polars Series or list) as Arrow."""
-    if isinstance(texts, (pa.Array, pa.ChunkedArray)):
-        return texts
-    return texts.to_arrow() if isinstance(texts, pl.Series) else pa.array(texts, pa.string())
-
-
 def train_queries(mined: Mined) -> list[str]:
     """The queries of the mined pairs, in their order: the rows topics are computed for."""
     return pl.from_arrow(mined.pairs.select(["query_id"]))["query_id"].unique(
@@ -109,7 +103,7 @@ def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined,
     del rows_df, rows
     shard_dir = out / "shards"
     if tasks is None:
-        ids, texts = emb.doc_ids.to_arrow(), _arrow_texts(read.texts)
+        ids, texts = emb.doc_ids.to_arrow(), text_array(read.texts)
         files = shards.write_shards(
             table, shard_dir, cfg.batch.batches_per_shard,
             fill=lambda part: with_row_texts(text_rows(part, query_text), texts, ids, known))

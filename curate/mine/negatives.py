@@ -206,11 +206,17 @@ def _select(eligible: np.ndarray, cfg: MineConfig, entropy: list[int]) -> np.nda
 def write_doc_texts(path: Path, texts) -> None:
     """Doc texts in doc-number order as an uncompressed Arrow file (temp name, then rename), so
     mine tasks memory-map it and read only the pages of the docs they compare."""
-    arr = texts.to_arrow() if hasattr(texts, "to_arrow") else pa.array(texts)  # a polars Series
-    table = pa.table({"text": arr.cast(pa.large_string())})
+    table = pa.table({"text": text_array(texts).cast(pa.large_string())})
     with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
         with pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
+
+
+def text_array(texts) -> pa.Array | pa.ChunkedArray:
+    """Texts as Arrow: mapped Arrow as it is, a polars Series or a list converted."""
+    if isinstance(texts, (pa.Array, pa.ChunkedArray)):
+        return texts
+    return texts.to_arrow() if hasattr(texts, "to_arrow") else pa.array(texts, pa.string())
 
 
 def load_doc_texts(path: str) -> pa.ChunkedArray:
