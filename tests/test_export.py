@@ -34,7 +34,7 @@ def run_dir(tmp_path_factory, cranfield, tiny_model):
         "batch": {"batch_size": 8},
         "train": {"enabled": False},
         "eval": {"enabled": False},
-        "cluster": {"n_workers": 1},
+        "cluster": {"workers": "in_process"},  # the cluster stages have their own tests
     }  # fmt: skip
     run(config_from_dict(cfg))
     return out

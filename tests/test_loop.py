@@ -20,7 +20,7 @@ def test_two_rounds_then_resume(tmp_path, cranfield, tiny_model):
             "batch": {"batch_size": 8},
             "train": {"max_steps": 2, "max_length": 16, "lr": 1e-3},
             "eval": {"max_queries": 10},
-            "cluster": {"n_workers": 1},
+            "cluster": {"workers": "in_process"},  # the loop, not the cluster, is under test
         }
     )  # fmt: skip
     # keep_going: the random tiny BERT's rounds differ by noise; the stop is test_guard's

@@ -35,7 +35,7 @@ def _config(out: Path, data: Path, model: Path) -> dict:
         "batch": {"batch_size": 8, "batches_per_shard": 2},
         "train": {"max_steps": 3, "max_length": 16, "checkpoint_every": 2},
         "eval": {"max_queries": 10},
-        "cluster": {"n_workers": 1, "threads_per_worker": 1},
+        "cluster": {"workers": "in_process"},  # the cluster stages have their own tests
     }  # fmt: skip
 
 
