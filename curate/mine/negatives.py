@@ -203,10 +203,14 @@ def _select(eligible: np.ndarray, cfg: MineConfig, entropy: list[int]) -> np.nda
 # --- the n-gram rule: doc texts by doc number, memory-mapped -------------------------------
 
 
+# doc_texts.arrow: one text per doc number (written here or streamed by the read stage).
+DOC_TEXTS = pa.schema([("text", pa.large_string())])
+
+
 def write_doc_texts(path: Path, texts) -> None:
     """Doc texts in doc-number order as an uncompressed Arrow file (temp name, then rename), so
     mine tasks memory-map it and read only the pages of the docs they compare."""
-    table = pa.table({"text": text_array(texts).cast(pa.large_string())})
+    table = pa.table([text_array(texts).cast(pa.large_string())], schema=DOC_TEXTS)
     with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
         with pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)

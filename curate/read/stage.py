@@ -16,6 +16,7 @@ import pyarrow as pa
 from curate import config_rules, storage
 from curate.batch import dedup
 from curate.config import Config, DataConfig
+from curate.mine.negatives import DOC_TEXTS
 from curate.read import vectors
 from curate.read.dataset import Dataset, read_dataset
 from curate.records import Read
@@ -74,18 +75,16 @@ class _CorpusSink:
     the driver then holds no text, and the index stage links the file in as the mine and shard
     tasks' ``doc_texts.arrow``."""
 
-    SCHEMA = pa.schema([("text", pa.large_string())])  # as mine.negatives.write_doc_texts
-
     def __init__(self) -> None:
         _sweep_orphans()
         prefix = f"{_PREFIX}{os.getpid()}-"  # the owner, for the sweep after a killed run
         self.path = Path(tempfile.mkdtemp(prefix=prefix)) / TEXTS_FILE
         self._file = pa.OSFile(str(self.path), "wb")
-        self._writer = pa.ipc.new_file(self._file, self.SCHEMA)
+        self._writer = pa.ipc.new_file(self._file, DOC_TEXTS)
 
     def __call__(self, chunk: pl.DataFrame) -> pl.DataFrame:
         texts = doc_text_series(chunk).to_arrow().cast(pa.large_string())
-        self._writer.write_batch(pa.record_batch([texts], schema=self.SCHEMA))
+        self._writer.write_batch(pa.record_batch([texts], schema=DOC_TEXTS))
         return dedup.add_text_hash(chunk).select("doc_id", "hash")
 
     def close(self) -> pa.ChunkedArray:
