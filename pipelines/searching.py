@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from curate import schema
 from curate.config import IndexConfig, MineConfig
-from curate.files import atomic_path, npy_file, write_table
+from curate.files import atomic_path, npy_chunks, npy_file, write_table
 from curate.index import build as index
 from curate.mine import negatives as mine
 from curate.text import content_hash
@@ -51,7 +51,8 @@ def _build_shard(
 
     faiss.omp_set_num_threads(threads)
     shard = faiss.read_index(trained)
-    index.add_in_chunks(shard, np.load(vecs_path, mmap_mode="r")[start:stop])
+    for rows in npy_chunks(vecs_path, start, stop):  # read, not mapped: see npy_chunks
+        shard.add(np.ascontiguousarray(rows, dtype=np.float32))
     index.save_index(shard, Path(out_path))
     return out_path
 

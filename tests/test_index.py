@@ -205,3 +205,22 @@ def test_torch_exact_keeps_the_faiss_index_it_views_alive():
     want = np.sort(x[:3] @ x.T, axis=1)[:, ::-1][:, :5]
     np.testing.assert_allclose(D, want, atol=1e-4)
     assert len(junk) == 20
+
+
+def test_npy_chunks_reads_the_rows_of_a_slice_without_mapping(tmp_path):
+    """The shard fill's reader: the rows np.load gives, across chunk edges, for a shard's
+    range and one past the end; a 1-D or Fortran-order file is refused by name."""
+    from curate.files import npy_chunks
+
+    vecs = np.random.default_rng(0).standard_normal((1000, 7)).astype(np.float32)
+    np.save(tmp_path / "v.npy", vecs)
+    for start, stop, chunk in ((0, 1000, 64), (130, 777, 100), (990, 5000, 4), (5, 5, 8)):
+        got = list(npy_chunks(tmp_path / "v.npy", start, stop, chunk))
+        assert all(len(g) <= chunk for g in got)
+        want = vecs[start:stop]
+        assert np.array_equal(np.concatenate(got) if got else want[:0], want)
+    np.save(tmp_path / "f.npy", np.asfortranarray(vecs))
+    np.save(tmp_path / "one.npy", vecs[:, 0])
+    for bad in ("f.npy", "one.npy"):
+        with pytest.raises(ValueError, match=bad):
+            list(npy_chunks(tmp_path / bad, 0, 10))
