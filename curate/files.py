@@ -82,6 +82,21 @@ def npy_file(vecs) -> str | None:
     return str(vecs.filename) if same else None
 
 
+
+def _npy_header(fh, path) -> tuple[tuple[int, int], object, int]:
+    """(shape, dtype, data offset) of the 2-D C-order ``.npy`` open as ``fh``."""
+    import numpy as np
+
+    version = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+        np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(fh)
+    if len(shape) != 2 or fortran:
+        raise ValueError(f"{path}: want a 2-D C-order array, found shape {shape}"
+                         f"{' in Fortran order' if fortran else ''}")  # fmt: skip
+    return shape, dtype, fh.tell()
+
+
 def npy_chunks(path: str | Path, start: int, stop: int, chunk: int = 1 << 16) -> Iterator:
     """Rows [start, stop) of a 2-D C-order ``.npy`` file, ``chunk`` rows at a time, by plain
     reads. A memory map would leave every page it touched in the process's RSS, which Dask's
@@ -90,15 +105,8 @@ def npy_chunks(path: str | Path, start: int, stop: int, chunk: int = 1 << 16) ->
     import numpy as np
 
     with open(path, "rb") as fh:
-        version = np.lib.format.read_magic(fh)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-            np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(fh)
-        if len(shape) != 2 or fortran:
-            raise ValueError(f"{path}: want a 2-D C-order array, found shape {shape}"
-                             f"{' in Fortran order' if fortran else ''}")  # fmt: skip
-        width, header = shape[1], fh.tell()
-        stop = min(stop, shape[0])
+        (n_rows, width), dtype, header = _npy_header(fh, path)
+        stop = min(stop, n_rows)
         for a in range(start, stop, chunk):
             n = min(chunk, stop - a)
             fh.seek(header + a * width * dtype.itemsize)
@@ -106,3 +114,36 @@ def npy_chunks(path: str | Path, start: int, stop: int, chunk: int = 1 << 16) ->
             if rows.size != n * width:
                 raise ValueError(f"{path}: truncated at row {a + rows.size // max(width, 1)}")
             yield rows.reshape(n, width)
+
+
+class NpyRows:
+    """A 2-D ``.npy`` file whose rows are read when indexed (a slice or row numbers), by plain
+    reads as in ``npy_chunks``: the index training sample of a 15 GB file without mapping it."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        with open(self.path, "rb") as fh:
+            self.shape, self.dtype, self._header = _npy_header(fh, self.path)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        import numpy as np
+
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(self.shape[0])
+            if step != 1:
+                raise IndexError("NpyRows takes a slice with step 1 or row numbers")
+            got = list(npy_chunks(self.path, start, stop))
+            return np.concatenate(got) if got else np.empty((0, self.shape[1]), self.dtype)
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.shape[1]), self.dtype)
+        size = self.shape[1] * self.dtype.itemsize
+        with open(self.path, "rb") as fh:
+            for i, r in enumerate(rows.tolist()):
+                if not 0 <= r < self.shape[0]:
+                    raise IndexError(f"{self.path}: row {r} of {self.shape[0]}")
+                fh.seek(self._header + r * size)
+                out[i] = np.frombuffer(fh.read(size), self.dtype)
+        return out

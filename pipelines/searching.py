@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from curate import schema
 from curate.config import IndexConfig, MineConfig
-from curate.files import atomic_path, npy_chunks, npy_file, write_table
+from curate.files import NpyRows, atomic_path, npy_chunks, npy_file, write_table
 from curate.index import build as index
 from curate.mine import negatives as mine
 from curate.text import content_hash
@@ -62,7 +62,7 @@ def build_index_shards(
 ) -> list[Path]:
     """Train once here on a sample of ``doc_vecs.npy`` (so every shard shares one quantizer), then
     fill one index per contiguous shard of the corpus in a Dask task each."""
-    doc_vecs = np.load(work_dir / "doc_vecs.npy", mmap_mode="r")
+    doc_vecs = NpyRows(work_dir / "doc_vecs.npy")  # the sample read, not mapped: see npy_chunks
     trained = work_dir / "index.trained.faiss"
     index.save_index(index.trained_index(doc_vecs, icfg, seed), trained)
     paths, bounds = _shard_layout(work_dir, icfg)

@@ -207,10 +207,10 @@ def test_torch_exact_keeps_the_faiss_index_it_views_alive():
     assert len(junk) == 20
 
 
-def test_npy_chunks_reads_the_rows_of_a_slice_without_mapping(tmp_path):
+def test_npy_readers_give_the_rows_np_load_gives(tmp_path):
     """The shard fill's reader: the rows np.load gives, across chunk edges, for a shard's
     range and one past the end; a 1-D or Fortran-order file is refused by name."""
-    from curate.files import npy_chunks
+    from curate.files import NpyRows, npy_chunks
 
     vecs = np.random.default_rng(0).standard_normal((1000, 7)).astype(np.float32)
     np.save(tmp_path / "v.npy", vecs)
@@ -219,6 +219,12 @@ def test_npy_chunks_reads_the_rows_of_a_slice_without_mapping(tmp_path):
         assert all(len(g) <= chunk for g in got)
         want = vecs[start:stop]
         assert np.array_equal(np.concatenate(got) if got else want[:0], want)
+    rows = NpyRows(tmp_path / "v.npy")  # the training sample's reader
+    assert rows.shape == (1000, 7) and len(rows) == 1000
+    pick = np.sort(np.random.default_rng(1).choice(1000, 50, replace=False))
+    assert np.array_equal(rows[pick], vecs[pick]) and np.array_equal(rows[:], vecs)
+    with pytest.raises(IndexError):
+        rows[[1000]]
     np.save(tmp_path / "f.npy", np.asfortranarray(vecs))
     np.save(tmp_path / "one.npy", vecs[:, 0])
     for bad in ("f.npy", "one.npy"):
