@@ -82,7 +82,6 @@ def npy_file(vecs) -> str | None:
     return str(vecs.filename) if same else None
 
 
-
 def _npy_header(fh, path) -> tuple[tuple[int, int], object, int]:
     """(shape, dtype, data offset) of the 2-D C-order ``.npy`` open as ``fh``."""
     import numpy as np

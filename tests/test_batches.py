@@ -306,7 +306,7 @@ def test_build_rows_drops_by_doc_number_per_query():
 
     from curate import schema
     from curate.batch.compose import RowTable
-    from curate.batch.curation import build_rows
+    from curate.batch.curation import build_rows, known_table
 
     docs = pl.Series(["a", "b", "b2", "c", "k", "f"], dtype=pl.String)
     negs = [["b", "c", "b2", "k", "f", "c"], ["k", "f", "b2"]]
@@ -318,6 +318,7 @@ def test_build_rows_drops_by_doc_number_per_query():
     forbidden = pa.table({"query_id": ["q"], "doc_id": ["f"], "reason": ["near_duplicate"],
                           "score": pa.array([0.2], pa.float32())}, schema=schema.FORBIDDEN)
     known = {"q": ["a", "k"], "q2": ["c"]}
+    known = known_table(known, {"b2": "b"}, pl.from_arrow(mined.column("query_id")))
     out, rows, stats = build_rows(mined, known, {"b2": "b"}, {"q": 3, "q2": 5}, docs, forbidden)
     assert isinstance(rows, RowTable) and len(rows) == 2
     assert [docs[list(rows[i].negs)].to_list() for i in range(2)] == [["b", "c"], ["k", "f", "b"]]

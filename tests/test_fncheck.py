@@ -190,7 +190,8 @@ def test_apply_relabel_adds_known_positives_and_keeps_forbidden(cran, tiny_cross
     assert known[q][: len(pos)] == pos and sorted(known[q][len(pos) :]) == sorted(negs)
     assert sections["fncheck"]["relabelled"] == 6 and sections["fncheck"]["dropped"] == 0
     # Curation carries them to the shards' known_pos_ids (multi-positive targets, or masked).
-    rows_df, _, _ = build_rows(out, known, {}, {q: 0}, pl.Series(list(dtext)))
+    table = known_table(known, {}, pl.from_arrow(out.column("query_id")))
+    rows_df, _, _ = build_rows(out, table, {}, {q: 0}, pl.Series(list(dtext)))
     kp = dict(known_table(known, {}, rows_df["query_id"]).iter_rows())
     for r in rows_df.iter_rows(named=True):
         assert set(negs) <= set(kp[r["query_id"]]) and r["neg_scores"] == []

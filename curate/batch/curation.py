@@ -34,14 +34,14 @@ def canonical_forbidden(forbidden: pa.Table, canon: dict[str, str]) -> pa.Table:
 
 def build_rows(
     mined: pa.Table | pl.DataFrame,
-    known: dict[str, list[str]] | pl.DataFrame,
+    known: pl.DataFrame,
     canon: dict[str, str],
     topic_of: dict[str, int],
     doc_ids: pl.Series,
     forbidden: pa.Table | None = None,
 ) -> tuple[pl.DataFrame, RowTable, Counter]:
     """Remap every id to its canonical id; a negative that collapses onto the positive, a known
-    positive (``known``: query -> ids, or its ``known_table``), another negative of its row or a
+    positive (``known``: the mined queries' ``known_table``), another negative of its row or a
     doc forbidden for its query (``forbidden``, under canonical ids) is dropped and counted.
     -> (the pairs' query_id, pos_score, and negative scores and ranks so cut, plus topic; the
     composer's rows, ids as doc numbers in ``doc_ids``; counts). Ids become numbers by Arrow hash
@@ -63,8 +63,6 @@ def build_rows(
     del negs
     if (pos < 0).any() or (neg < 0).any():
         raise KeyError("a mined pair names a doc id the corpus does not hold")  # a bug, not input
-    if isinstance(known, dict):
-        known = known_table(known, canon, pl.from_arrow(mined.column("query_id")))
     lists = _arrow(known["known_pos_ids"], pa.list_(pa.string()))
     kq = _numbers(known["query_id"].to_arrow(), queries)[
         pc.list_parent_indices(lists).to_numpy()]  # fmt: skip
