@@ -137,12 +137,37 @@ class NpyRows:
             got = list(npy_chunks(self.path, start, stop))
             return np.concatenate(got) if got else np.empty((0, self.shape[1]), self.dtype)
         rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            bad = rows[(rows < 0) | (rows >= self.shape[0])][0]
+            raise IndexError(f"{self.path}: row {bad} of {self.shape[0]}")
         out = np.empty((len(rows), self.shape[1]), self.dtype)
         size = self.shape[1] * self.dtype.itemsize
-        with open(self.path, "rb") as fh:
-            for i, r in enumerate(rows.tolist()):
-                if not 0 <= r < self.shape[0]:
-                    raise IndexError(f"{self.path}: row {r} of {self.shape[0]}")
-                fh.seek(self._header + r * size)
-                out[i] = np.frombuffer(fh.read(size), self.dtype)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:  # each row read straight into its place in ``out``
+            for r, row in zip(rows.tolist(), out.view(np.uint8)):
+                if os.preadv(fd, [row], self._header + r * size) != size:
+                    raise ValueError(f"{self.path}: truncated at row {r}")
+        finally:
+            os.close(fd)
         return out
+
+
+class RowSubset:
+    """Rows ``rows`` of a 2-D ``.npy`` file read once (``NpyRows``), then indexed by their row
+    numbers in the file: the doc vectors one mine task needs (its candidates, positives and
+    known positives), so the task neither maps the file nor holds more than its block's rows."""
+
+    def __init__(self, path: str | Path, rows):
+        import numpy as np
+
+        self.path, self.rows = str(path), np.unique(np.asarray(rows, dtype=np.int64))
+        self.data = NpyRows(path)[self.rows]
+
+    def __getitem__(self, rows):
+        import numpy as np
+
+        at = np.searchsorted(self.rows, rows)
+        if np.size(rows) and (not len(self.rows) or not np.array_equal(
+                self.rows[np.minimum(at, len(self.rows) - 1)], rows)):  # fmt: skip
+            raise KeyError(f"{self.path}: a row outside the {len(self.rows)} read was asked for")
+        return self.data[at]

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from curate import schema
 from curate.config import IndexConfig, MineConfig
-from curate.files import NpyRows, atomic_path, npy_chunks, npy_file, write_table
+from curate.files import NpyRows, RowSubset, atomic_path, npy_chunks, npy_file, write_table
 from curate.index import build as index
 from curate.mine import negatives as mine
 from curate.text import content_hash
@@ -102,7 +102,7 @@ def guard_index(work_dir: Path, queries: np.ndarray, k: int, icfg: IndexConfig, 
     if recall.is_exact(shards[0]):  # flat shards: exact, the guard returns at once
         nprobe, rec = recall.guard(shards[0], None, queries, k, icfg, seed)
         return nprobe, {**rec, "k": min(k, sum(s.ntotal for s in shards)), "shards": len(shards)}
-    doc_vecs = np.load(work_dir / "doc_vecs.npy", mmap_mode="r")
+    doc_vecs = NpyRows(work_dir / "doc_vecs.npy")  # read, not mapped: see recall.guard_work_dir
     nprobe, rec = recall.guard(index.join_shards(shards), doc_vecs, queries, k, icfg, seed)
     return nprobe, {**rec, "shards": len(shards)}
 
@@ -190,7 +190,6 @@ def _mine_task(block_path: str, out_path: str, chunks: list, rows: tuple[int, in
     vecs = np.asarray(np.load(files.queries, mmap_mode="r")[queries[0] : queries[1]])
     block = mine.load_block(block_path, vecs)
     parts = _block_rows(chunks, rows)
-    doc_vecs = np.load(files.doc_vecs, mmap_mode="r")
     doc_hash = np.load(files.doc_hash, mmap_mode="r")
     # An Arrow column the negatives are taken from: as a Python list every task would hold an
     # object per document (10M at MS MARCO scale).
@@ -198,6 +197,10 @@ def _mine_task(block_path: str, out_path: str, chunks: list, rows: tuple[int, in
     # Per-shard hits -> the exact global top-k (ties on the lower doc number): one code path
     # whatever the shard count, so sharded and unsharded flat runs mine the same negatives.
     scores, cands = index.merge_topk(parts, offsets, mcfg.top_k)
+    # The block's doc vectors, read once: through a map, a block's random reads (with the
+    # kernel's read-ahead) would leave most of a 15 GB file in the task's RSS.
+    doc_vecs = RowSubset(files.doc_vecs, np.concatenate(
+        [cands[cands >= 0], block.pair_pos[block.pair_pos >= 0], *block.known]))  # fmt: skip
     res = mine.mine_block(block, scores, cands, doc_vecs, doc_hash, mcfg, seed)
     table = pa.table(
         {

@@ -208,9 +208,10 @@ def test_torch_exact_keeps_the_faiss_index_it_views_alive():
 
 
 def test_npy_readers_give_the_rows_np_load_gives(tmp_path):
-    """The shard fill's reader: the rows np.load gives, across chunk edges, for a shard's
-    range and one past the end; a 1-D or Fortran-order file is refused by name."""
-    from curate.files import NpyRows, npy_chunks
+    """The readers of doc_vecs.npy that do not map it (shard fill, training sample, recall
+    guard, mine tasks): the rows np.load gives, across chunk edges, for a shard's range and one
+    past the end; a 1-D or Fortran-order file is refused by name."""
+    from curate.files import NpyRows, RowSubset, npy_chunks
 
     vecs = np.random.default_rng(0).standard_normal((1000, 7)).astype(np.float32)
     np.save(tmp_path / "v.npy", vecs)
@@ -225,6 +226,15 @@ def test_npy_readers_give_the_rows_np_load_gives(tmp_path):
     assert np.array_equal(rows[pick], vecs[pick]) and np.array_equal(rows[:], vecs)
     with pytest.raises(IndexError):
         rows[[1000]]
+    assert np.array_equal(rows[[9, 3, 9]], vecs[[9, 3, 9]])  # any order, repeats
+    # A mine task's block of rows: read once, indexed by file row number, a row it did not
+    # read refused (it would otherwise be some other document's vector).
+    block = RowSubset(tmp_path / "v.npy", [700, 3, 3, 42])
+    assert len(block.rows) == 3 and np.array_equal(block[42], vecs[42])
+    assert np.array_equal(block[np.array([700, 3, 700])], vecs[[700, 3, 700]])
+    assert block[np.empty(0, np.int64)].shape == (0, 7)
+    with pytest.raises(KeyError, match="outside the 3"):
+        block[np.array([3, 4])]
     np.save(tmp_path / "f.npy", np.asfortranarray(vecs))
     np.save(tmp_path / "one.npy", vecs[:, 0])
     for bad in ("f.npy", "one.npy"):

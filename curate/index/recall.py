@@ -36,7 +36,7 @@ class RecallError(CurateError):
 
 def exact_search(doc_vecs: np.ndarray, queries: np.ndarray, k: int, doc_block: int = 16384):
     """Brute-force top-k by inner product, streamed over doc blocks -> (scores [Q, k] best first,
-    ids [Q, k]). Memory is Q x (k + doc_block) scores; ``doc_vecs`` may be a memory map."""
+    ids [Q, k]). Memory is Q x (k + doc_block) scores; ``doc_vecs`` may be a ``files.NpyRows``."""
     k = min(k, len(doc_vecs))
     q = np.ascontiguousarray(queries, dtype=np.float32)
     top_s = np.full((len(q), k), -np.inf, dtype=np.float32)
@@ -166,6 +166,9 @@ def guard_work_dir(
     work, queries: np.ndarray, k: int, cfg: IndexConfig, seed: int
 ) -> tuple[int, dict]:
     """``guard`` on the index and doc vectors that ``build_index_files`` wrote to ``work``."""
+    from curate.files import NpyRows
+
     index = index_mod.load_index(work / "index.faiss", cfg.nprobe)
-    doc_vecs = np.load(work / "doc_vecs.npy", mmap_mode="r")
-    return guard(index, doc_vecs, queries, k, cfg, seed)
+    # Read, not mapped: the brute force touches every row, and a map's pages would all stay in
+    # the task's RSS (15 GB at 10M docs), which the nanny counts.
+    return guard(index, NpyRows(work / "doc_vecs.npy"), queries, k, cfg, seed)
