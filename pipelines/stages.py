@@ -14,7 +14,7 @@ import polars as pl
 from curate.config import Config, EmbedConfig, IndexConfig
 from curate.embed import encoder as embed
 from curate.errors import DataError
-from curate.files import npy_file
+from curate.files import NpyRows, npy_file
 from curate.index import build as index
 from curate.index import stage as index_files
 from curate.mine import stage as mine_logic
@@ -133,7 +133,7 @@ def _guard_task(work: str, queries: str, rows: str, k: int, icfg: IndexConfig, s
 def _health_task(vecs: str, seed: int) -> dict:
     from curate.health import embedding_health
 
-    return embedding_health(np.load(vecs, mmap_mode="r"), seed)
+    return embedding_health(NpyRows(vecs), seed)  # random rows: read, not mapped
 
 
 def mine_stage(workers: Workers, cfg: Config, read: Read, emb: Embedded, indexed: Indexed) -> Mined:
