@@ -490,6 +490,21 @@ def test_streamed_corpus_names_a_duplicate_across_chunks_and_leaves_no_texts(tmp
     assert e.value.row == 4 and set(glob.glob(pattern)) == before
 
 
+def test_an_id_repeated_by_a_skipped_empty_row_is_named(tmp_path):
+    """The corpus read keeps no column of every id with its row: the uniqueness check runs on
+    the kept and skipped ids, and the file is read again for the row only when one repeats,
+    here between a kept row and a row skipped for its empty text."""
+    from curate.config import config_from_dict
+    from curate.read.stage import read
+
+    root = write_beir(tmp_path / "d", docs=[*DOCS, {"_id": "1", "text": "  "}])
+    cfg = config_from_dict({"output_dir": str(tmp_path / "out"),
+                            "data": {"path": str(root), "empty_text": "skip"}})
+    with pytest.raises(DataError, match=r"duplicate doc_id '1' \(first at row 1\)") as e:
+        read(cfg)
+    assert e.value.row == 3  # JSONL rows are 1-based line numbers
+
+
 def test_a_killed_runs_text_folder_is_swept_by_the_next_read(tmp_path):
     """A driver killed mid-run cannot remove its memory-mapped texts; the next read removes
     the folders of processes that no longer run, and leaves a live process's alone."""

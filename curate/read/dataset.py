@@ -287,21 +287,24 @@ def _read_corpus(path: Location, cfg: DataConfig, sink: Callable[[pl.DataFrame],
                  ) -> tuple[pl.DataFrame, pl.Series, int]:
     """The corpus streamed: each chunk checked, its empty texts dropped, then handed to ``sink``
     (-> what is kept of it, doc_id first); ids checked unique once all are read. -> (the kept
-    chunks, the skipped ids, rows read). No frame of every text exists at once."""
-    kept, ids, skipped = [], [], []
+    chunks, the skipped ids, rows read). No frame of every text exists at once, and no second
+    column of every id: the file is read again for the rows only when an id repeats."""
+    kept, skipped, n_read = [], [], 0
     for chunk in _chunks(path, "corpus", cfg.columns):
         chunk = _check(chunk, path, "corpus", unique=False)
-        ids.append(chunk.select("doc_id", "_row"))
+        n_read += chunk.height
         rows, gone = _drop_empty(chunk, path, cfg.empty_text, warn=False)
         kept.append(sink(rows))
         skipped.append(gone)
-    every = pl.concat(ids)
-    _check_unique(every, path, "doc_id")
-    gone = pl.concat(skipped)
+    corpus, gone = pl.concat(kept), pl.concat(skipped)
+    ids = corpus["doc_id"]
+    if ids.n_unique() < ids.len() or (gone.len() and pl.concat([ids, gone]).is_duplicated().any()):
+        every = pl.concat(c.select("doc_id", "_row") for c in _chunks(path, "corpus", cfg.columns))
+        _check_unique(every, path, "doc_id")
     if gone.len():
         log.warning("%s: skipped %d rows with empty text (first: %s)", path, gone.len(),
                     gone.head(5).to_list())  # fmt: skip
-    return pl.concat(kept), gone, every.height
+    return corpus, gone, n_read
 
 
 def read_table(
