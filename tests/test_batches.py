@@ -328,3 +328,25 @@ def test_build_rows_drops_by_doc_number_per_query():
     assert out["neg_scores"].to_list() == [pytest.approx([0.6, 0.5]),
                                            pytest.approx([0.7, 0.6, 0.5])]  # fmt: skip
     assert out["neg_ranks"].to_list() == [[1, 2], [1, 2, 3]] and out["topic"].to_list() == [3, 5]
+
+
+def test_id_rows_gives_the_joins_rows_and_checks_a_hash_hit_against_the_id():
+    """The lookup the mine and batch stages use for doc and query rows: the rows a join gives
+    (absent ids -1, repeats, any order); a hash hit whose id differs is a miss, and colliding
+    keys fall back to the join."""
+    from curate.records import IdRows, rows_of
+
+    keys = pl.Series([f"d{i}" for i in range(1000)])
+    want = [f"d{i}" for i in (5, 999, 5, 0)] + ["nope", "d1000"]
+    index = IdRows(keys)
+    assert index.exact and len(index) == 1000
+    assert index(want).tolist() == rows_of(keys, want).tolist() == [5, 999, 5, 0, -1, -1]
+    assert index([]).tolist() == []
+    assert IdRows(pl.Series([], dtype=pl.String))(["a"]).tolist() == [-1]
+    # A table where "nope" hashes to d7's row: the ids differ, so it is a miss.
+    forged = IdRows(keys)
+    forged.sorted = np.array([pl.Series(["nope"]).hash(IdRows.SEED)[0]], np.uint64)
+    forged.order = np.array([7])
+    assert forged(["nope"]).tolist() == [-1]
+    forged.exact = False  # as when two keys share a hash: the join answers
+    assert forged(["nope", "d7"]).tolist() == [-1, 7]

@@ -15,6 +15,7 @@ from curate import schema
 from curate.batch import topics
 from curate.batch.compose import RowTable, compose
 from curate.config import BatchConfig
+from curate.records import IdRows
 
 
 def canonical_forbidden(forbidden: pa.Table, canon: dict[str, str]) -> pa.Table:
@@ -37,40 +38,40 @@ def build_rows(
     known: pl.DataFrame,
     canon: dict[str, str],
     topic_of: dict[str, int],
-    doc_ids: pl.Series,
+    doc_ids: pl.Series | IdRows,
     forbidden: pa.Table | None = None,
 ) -> tuple[pl.DataFrame, RowTable, Counter]:
     """Remap every id to its canonical id; a negative that collapses onto the positive, a known
     positive (``known``: the mined queries' ``known_table``), another negative of its row or a
     doc forbidden for its query (``forbidden``, under canonical ids) is dropped and counted.
     -> (the pairs' query_id, pos_score, and negative scores and ranks so cut, plus topic; the
-    composer's rows, ids as doc numbers in ``doc_ids``; counts). Ids become numbers by Arrow hash
-    lookups on the mined table as it is: no Python object per row, and no copy of its id
-    columns (at 1M rows, joins on polars copies of them cost ~0.8 GB)."""
+    composer's rows, ids as doc numbers in ``doc_ids`` (or its ``IdRows``, as the embed record
+    keeps it); counts). Doc ids become numbers through one ``IdRows`` of the corpus: an Arrow
+    set lookup per id column would build a hash table of every doc id each time (~1.1 GB over
+    the driver's size at 10M docs). No Python object per row."""
     stats: Counter = Counter()
     if isinstance(mined, pl.DataFrame):
         mined = mined.to_arrow()
-    docs = _arrow(doc_ids, pa.string())  # the mined table's type: its ids are looked up uncast
+    docs = doc_ids if isinstance(doc_ids, IdRows) else IdRows(doc_ids)
     queries = pc.unique(mined.column("query_id")).cast(pa.string())
     qnum = _numbers(mined.column("query_id"), queries)
     negs = mined.column("neg_ids")  # chunk by chunk (one per mined partition): no combined copy
     lens = pc.fill_null(pc.list_value_length(negs), 0).to_numpy()
     offsets = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
-    dup = _numbers(pa.array(list(canon), pa.string()), docs)
-    to = _numbers(pa.array(list(canon.values()), pa.string()), docs)
-    pos = _canonical(_numbers(mined.column("pos_id"), docs), dup, to)
-    neg = _canonical(_numbers(pc.list_flatten(negs), docs), dup, to)
+    dup, to = docs(list(canon)), docs(list(canon.values()))
+    pos = _canonical(docs(pl.from_arrow(mined.column("pos_id"))), dup, to)
+    neg = _canonical(docs(pl.from_arrow(pc.list_flatten(negs))), dup, to)
     del negs
     if (pos < 0).any() or (neg < 0).any():
         raise KeyError("a mined pair names a doc id the corpus does not hold")  # a bug, not input
     lists = _arrow(known["known_pos_ids"], pa.list_(pa.string()))
     kq = _numbers(known["query_id"].to_arrow(), queries)[
         pc.list_parent_indices(lists).to_numpy()]  # fmt: skip
-    kc = _numbers(lists.flatten(), docs)
+    kc = docs(pl.from_arrow(lists.flatten()))
     by_query = np.argsort(kq, kind="stable")  # the RowTable's known slices are by query number
     kq, kc = kq[by_query], kc[by_query]
     fb = forbidden if forbidden is not None else schema.FORBIDDEN.empty_table()
-    fq, fc = _numbers(fb.column("query_id"), queries), _numbers(fb.column("doc_id"), docs)
+    fq, fc = _numbers(fb.column("query_id"), queries), docs(pl.from_arrow(fb.column("doc_id")))
     # (query, doc) as one integer; a known or forbidden doc outside the corpus (-1) or a forbidden
     # pair of another query matches no negative.
     n = len(doc_ids) + 1

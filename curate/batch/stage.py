@@ -96,7 +96,8 @@ def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined,
     forbidden = canonical_forbidden(mined.forbidden, canon)
     # Once, for the composer's rows and the shards' known_pos_ids (~0.3 GB at 1M queries).
     known = known_table(mined.known, canon, pl.from_arrow(mined.pairs.column("query_id")))
-    rows_df, rows, stats = build_rows(mined.pairs, known, canon, topic_of, emb.doc_ids, forbidden)
+    rows_df, rows, stats = build_rows(mined.pairs, known, canon, topic_of, emb.doc_index,
+                                      forbidden)
     table, batch_stats, fate = shard_table(rows_df, rows, cfg.batch, cfg.seed,
                                            cfg.mine.num_negatives)
     query_text = TextColumn(read.dataset.queries["query_id"], read.dataset.queries["text"])
