@@ -6,7 +6,7 @@ returns its own record. Tables are Arrow or polars as the stage that made them l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -35,7 +35,7 @@ class Read:
     texts: pa.ChunkedArray  # per corpus row: title and text as the model embeds them, memory-
     # mapped from a file (read.stage._CorpusSink); a polars Series or a list also serve
     pairs: pl.DataFrame  # positive (query_id, doc_id) pairs of the train split, sorted
-    known: dict[str, list[str]]  # query_id -> every known positive doc id (train split)
+    known: Known  # query_id -> every known positive doc id (train split)
     texts_file: str | None = None  # the Arrow file ``texts`` are mapped from, if they are
 
     @property
@@ -106,6 +106,60 @@ class IdRows:
         return rows
 
 
+class Known(Mapping):
+    """query_id -> its known positive doc ids (in the qrels' order), held as one frame of
+    (query_id, doc_id) pairs grouped by query: a dict of lists is ~210 MB of Python objects at
+    1M queries. ``flat`` gives many queries' positives at once, as columns."""
+
+    def __init__(self, pairs: pl.DataFrame):
+        pairs = pairs.select("query_id", "doc_id")
+        # Grouped by query, each query's docs in their order (a stable sort).
+        self.pairs = pairs.sort("query_id", maintain_order=True)
+        runs = self.pairs["query_id"].rle()  # sorted: one run per query
+        self.queries = runs.struct.field("value").rename("query_id")
+        lens = runs.struct.field("len").to_numpy().astype(np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        self.index = IdRows(self.queries)
+
+    @classmethod
+    def of(cls, known: Mapping[str, Sequence[str]]) -> Known:
+        """A ``Known`` as it is, a dict of lists as one."""
+        if isinstance(known, Known):
+            return known
+        return cls(pl.DataFrame({
+            "query_id": pl.Series([q for q, ds in known.items() for _ in ds], dtype=pl.String),
+            "doc_id": pl.Series([d for ds in known.values() for d in ds], dtype=pl.String),
+        }))  # fmt: skip
+
+    def plus(self, pairs: pl.DataFrame) -> Known:
+        """These with ``pairs`` (query_id, doc_id) added after each query's own."""
+        return Known(pl.concat([self.pairs, pairs.select("query_id", "doc_id")]))
+
+    def flat(self, queries: Sequence[str] | pl.Series) -> tuple[np.ndarray, pl.Series]:
+        """-> (how many known positives each of ``queries`` has (0 when none), their doc ids
+        one after another in that order)."""
+        rows = self.index(queries)
+        if not len(self.queries):
+            return np.zeros(len(rows), np.int64), self.pairs["doc_id"]
+        start = np.where(rows >= 0, self.offsets[np.maximum(rows, 0)], 0)
+        counts = np.where(rows >= 0, self.offsets[np.maximum(rows, 0) + 1] - start, 0)
+        ends = np.cumsum(counts)
+        at = np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - counts - start, counts)
+        return counts, self.pairs["doc_id"].gather(at)
+
+    def __getitem__(self, query_id: str) -> list[str]:
+        row = int(self.index([query_id])[0])
+        if row < 0:
+            raise KeyError(query_id)
+        return self.pairs["doc_id"][self.offsets[row] : self.offsets[row + 1]].to_list()
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.queries)
+
+
 @dataclass(frozen=True)
 class Embedded:
     """Stage 2: unit vectors of docs and queries, rows in id order. The ids are kept as Arrow
@@ -153,7 +207,7 @@ class Mined:
     pairs: pa.Table  # schema.MINED
     forbidden: pa.Table  # schema.FORBIDDEN
     funnel: dict  # reason -> candidates dropped (and "candidates", "kept")
-    known: dict[str, list[str]]  # known positives, plus those the false-negative check relabelled
+    known: Known  # known positives, plus those the false-negative check relabelled
     mine: MineConfig  # as mined: max_relative as the ceiling calibration left it
     calibration: Calibration | None
     checks: dict  # manifest sections: fncheck, mining_quality, index_recall, effective, ...

@@ -525,3 +525,21 @@ def test_a_killed_runs_text_folder_is_swept_by_the_next_read(tmp_path):
     r = read(cfg)
     assert not orphan.exists() and alive.is_dir() and Path(r.texts_file).is_file()
     alive.rmdir()
+
+
+def test_known_positives_are_one_frame_read_as_a_mapping():
+    """Read.known holds (query_id, doc_id) pairs, not a dict of lists (~210 MB of Python at 1M
+    queries): each query's docs in the qrels' order, many queries' at once as columns, an
+    absent query a KeyError (and 0 in ``flat``), relabelled pairs after a query's own."""
+    from curate.records import Known
+
+    known = Known(pl.DataFrame({"query_id": ["b", "a", "b", "c"], "doc_id": ["3", "1", "2", "9"]}))
+    assert dict(known) == {"a": ["1"], "b": ["3", "2"], "c": ["9"]} and len(known) == 3
+    with pytest.raises(KeyError):
+        known["zz"]
+    counts, docs = known.flat(["b", "zz", "c", "b"])
+    assert counts.tolist() == [2, 0, 1, 2] and docs.to_list() == ["3", "2", "9", "3", "2"]
+    assert known.flat([])[0].tolist() == [] and Known.of({}).flat(["a"])[0].tolist() == [0]
+    more = known.plus(pl.DataFrame({"query_id": ["a", "d"], "doc_id": ["7", "8"]}))
+    assert more["a"] == ["1", "7"] and more["d"] == ["8"] and "d" not in known
+    assert Known.of(dict(known)).pairs.equals(known.pairs) and Known.of(known) is known

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from itertools import chain
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from curate import schema
 from curate.batch import topics
 from curate.batch.compose import RowTable, compose
 from curate.config import BatchConfig
-from curate.records import IdRows
+from curate.records import IdRows, Known
 
 
 def canonical_forbidden(forbidden: pa.Table, canon: dict[str, str]) -> pa.Table:
@@ -156,15 +156,13 @@ def _relist(name: str, offsets: np.ndarray, values: pa.Array, kind) -> pl.Series
     return pl.Series(name, pl.from_arrow(lists), pl.List(kind))
 
 
-def known_pairs(known: dict[str, list[str]], canon: dict[str, str],
+def known_pairs(known: Mapping[str, list[str]], canon: dict[str, str],
                 queries: pl.Series) -> pl.DataFrame:
     """(q: the query's place in ``queries``, doc_id: a known positive, canonical), each pair
     once, sorted by q and doc_id."""
-    lists = [known[q] for q in queries.to_list()]
-    df = pl.DataFrame({
-        "q": np.repeat(np.arange(len(lists), dtype=np.int64), [len(x) for x in lists]),
-        "doc_id": pl.Series(list(chain.from_iterable(lists)), dtype=pl.String),
-    })  # fmt: skip
+    counts, docs = Known.of(known).flat(queries)
+    df = pl.DataFrame({"q": np.repeat(np.arange(len(counts), dtype=np.int64), counts),
+                       "doc_id": docs})  # fmt: skip
     if canon:
         df = df.with_columns(pl.col("doc_id").replace(canon))
     return df.unique(maintain_order=True).sort("q", "doc_id")
@@ -207,7 +205,7 @@ class TextColumn:
 TEXT_COLUMNS = ("query", "pos_id", "pos", "neg_ids", "negs", "known_pos_ids")
 
 
-def known_table(known: dict[str, list[str]], canon: dict[str, str],
+def known_table(known: Mapping[str, list[str]], canon: dict[str, str],
                 query_ids: pl.Series) -> pl.DataFrame:
     """query_id -> its known positives (canonical ids, sorted), one row per query of the rows."""
     queries = query_ids.unique(maintain_order=True)

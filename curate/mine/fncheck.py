@@ -26,6 +26,7 @@ import pyarrow as pa
 from curate import schema
 from curate.config import Config, FnCheckConfig
 from curate.mine import scorer
+from curate.records import Known
 
 log = logging.getLogger(__name__)
 
@@ -167,18 +168,16 @@ def _forbid(forbidden: pa.Table, confirmed: pl.DataFrame) -> pa.Table:
     return pa.concat_tables([forbidden, rows])
 
 
-def _act(cfg: FnCheckConfig, confirmed, check: dict, forbidden, funnel: Counter, known: dict):
+def _act(cfg: FnCheckConfig, confirmed, check: dict, forbidden, funnel: Counter, known: Known):
     """Count the removed negatives in the funnel; forbid (drop) or relabel the confirmed pairs
-    (``known`` is updated in place) -> forbidden."""
+    -> (forbidden, known positives with the relabelled pairs added)."""
     if check["negatives_removed"]:
         funnel["kept"] -= check["negatives_removed"]
         funnel[schema.CONFIRMED_FALSE_NEGATIVE] += check["negatives_removed"]
     log.info("fncheck: %s", check)
     if cfg.action == "drop":
-        return _forbid(forbidden, confirmed)
-    for q, d in confirmed.select("query_id", "doc_id").iter_rows():
-        known[q] = [*known[q], d]
-    return forbidden
+        return _forbid(forbidden, confirmed), known
+    return forbidden, known.plus(confirmed)
 
 
 def apply(
@@ -202,11 +201,11 @@ def apply(
             loaded[spec] = scorer.PairScores(model, query_text, doc_text)
         return loaded[spec]
 
-    table, check, known = pl.from_arrow(mined), None, dict(known)
+    table, check, known = pl.from_arrow(mined), None, Known.of(known)
     if cfg.fncheck.scorer is not None:
         pair_scores = scores_for(cfg.fncheck, "fncheck.scorer")
         table, confirmed, check = check_false_negatives(table, pair_scores, cfg.fncheck)
-        forbidden = _act(cfg.fncheck, confirmed, check, forbidden, funnel, known)
+        forbidden, known = _act(cfg.fncheck, confirmed, check, forbidden, funnel, known)
     quality = mining_quality(table, funnel, check)
     source = {"source": "miner", "model": cfg.embed.model, "kind": "embedder"}
     if cfg.teacher.scorer is not None:

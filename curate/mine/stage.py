@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 
 import numpy as np
 import polars as pl
@@ -16,15 +17,15 @@ from curate.effective import effective_settings
 from curate.files import write_json
 from curate.mine import ceiling, fncheck
 from curate.mine.negatives import PairBlock
-from curate.records import Embedded, Indexed, Mined, Read, rows_of
+from curate.records import Embedded, Indexed, Known, Mined, Read, rows_of
 from curate.text import LazyMap, content_hash
 
 
-def pair_blocks(pairs: pl.DataFrame, known: dict[str, list[str]], emb: Embedded,
+def pair_blocks(pairs: pl.DataFrame, known: Mapping[str, list[str]], emb: Embedded,
                 size: int) -> list[PairBlock]:
     """Training pairs grouped by query into blocks of ``size`` queries, in integer form; the
     query vectors stay in their file (``query_rows``): the mine task reads them. Rows come from
-    joins on the id columns, not from dicts of every doc id."""
+    the embed record's id lookups (``IdRows``), not from dicts of every doc id."""
     qids = pairs["query_id"].unique(maintain_order=True)
     q_rows = emb.query_rows(qids)
     qi = rows_of(qids, pairs["query_id"])  # each pair's query, by first appearance
@@ -34,11 +35,9 @@ def pair_blocks(pairs: pl.DataFrame, known: dict[str, list[str]], emb: Embedded,
     ends = np.searchsorted(qi[order] // size, np.arange(1, -(-len(qids) // size) + 1))
     pos_ids = pairs["doc_id"]
     qid_list = qids.to_list()
-    # Every query's known positives as rows in one join: a join per block would hash every
-    # doc id once per block.
-    counts = [len(known[q]) for q in qid_list]
-    known_rows = np.split(emb.doc_rows([d for q in qid_list for d in known[q]]),
-                          np.cumsum(counts)[:-1])  # fmt: skip
+    # Every query's known positives as rows in one lookup, not one per block.
+    counts, flat = Known.of(known).flat(qids)
+    known_rows = np.split(emb.doc_rows(flat), np.cumsum(counts)[:-1])
     blocks, start_pair = [], 0
     for b, stop_pair in enumerate(ends.tolist()):
         ids = qid_list[b * size : (b + 1) * size]
@@ -74,10 +73,11 @@ def calibrate_ceiling(cfg: Config, read: Read, emb: Embedded,
     if cfg.mine.calibrate_ceiling is None:
         return cfg.mine, None
     queries = read.pairs["query_id"].unique(maintain_order=True).to_list()
-    every = [read.known.get(q, []) for q in queries]
-    found = np.split(emb.doc_rows([d for ds in every for d in ds]),
-                     np.cumsum([len(ds) for ds in every])[:-1])  # fmt: skip
-    positives = [[d for d, r in zip(ds, rs) if r >= 0] for ds, rs in zip(every, found)]
+    counts, flat = Known.of(read.known).flat(queries)
+    cuts = np.cumsum(counts)[:-1]
+    found = np.split(emb.doc_rows(flat), cuts)
+    every = np.split(np.array(flat.to_list(), dtype=object), cuts)
+    positives = [ds[rs >= 0].tolist() for ds, rs in zip(every, found)]
     key = content_hash(
         [
             indexed.fingerprint,

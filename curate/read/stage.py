@@ -19,7 +19,7 @@ from curate.config import Config, DataConfig
 from curate.mine.negatives import DOC_TEXTS
 from curate.read import vectors
 from curate.read.dataset import Dataset, read_dataset
-from curate.records import Read
+from curate.records import Known, Read
 
 TEXTS_FILE = "doc_texts.arrow"
 
@@ -128,10 +128,9 @@ def train_pairs(ds: Dataset, cfg: Config) -> pl.DataFrame:
     return pairs
 
 
-def known_positives(ds: Dataset, split: str) -> dict[str, list[str]]:
+def known_positives(ds: Dataset, split: str) -> Known:
     """query_id -> every doc the split's qrels call relevant (score > 0)."""
-    positives = ds.qrels[split].filter(pl.col("score") > 0)
-    return {q: g["doc_id"].to_list() for (q,), g in positives.group_by("query_id")}
+    return Known(ds.qrels[split].filter(pl.col("score") > 0))
 
 
 def read(cfg: Config) -> Read:
