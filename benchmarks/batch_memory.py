@@ -36,7 +36,7 @@ def records(n_docs: int, n_rows: int, out: Path, seed: int = 0):
     from curate.files import write_table
     from curate.mine.negatives import load_doc_texts, write_doc_texts
     from curate.read.dataset import Dataset
-    from curate.records import Embedded, Mined, Read
+    from curate.records import Embedded, Known, Mined, Read
 
     rng = np.random.default_rng(seed)
     doc_ids = pl.Series("doc_id", [f"d{i}" for i in range(n_docs)], pl.String)
@@ -64,9 +64,9 @@ def records(n_docs: int, n_rows: int, out: Path, seed: int = 0):
                                               pa.array(np.tile(np.arange(10, dtype=np.int32),
                                                                n_rows))),
     }).cast(schema.MINED)  # fmt: skip
-    known = dict(zip(q_ids.to_list(), ([d] for d in doc_ids.gather(pos).to_list())))
     qrels = pl.DataFrame({"query_id": q_ids, "doc_id": doc_ids.gather(pos),
                           "score": np.ones(n_rows)})  # fmt: skip
+    known = Known(qrels)  # as the read stage keeps them
     dataset = Dataset(corpus, queries, {"train": qrels}, {"docs_read": n_docs})
     read = Read(dataset, corpus, load_doc_texts(str(out / "work" / "doc_texts.arrow")),
                 qrels.select("query_id", "doc_id"), known)  # fmt: skip
