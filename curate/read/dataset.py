@@ -297,8 +297,8 @@ def _read_corpus(path: Location, cfg: DataConfig, sink: Callable[[pl.DataFrame],
         kept.append(sink(rows))
         skipped.append(gone)
     corpus, gone = pl.concat(kept), pl.concat(skipped)
-    ids = corpus["doc_id"]
-    if ids.n_unique() < ids.len() or (gone.len() and pl.concat([ids, gone]).is_duplicated().any()):
+    ids = pl.concat([corpus["doc_id"], gone]) if gone.len() else corpus["doc_id"]
+    if ids.n_unique() < ids.len():
         every = pl.concat(c.select("doc_id", "_row") for c in _chunks(path, "corpus", cfg.columns))
         _check_unique(every, path, "doc_id")
     if gone.len():
