@@ -33,8 +33,7 @@ def records(n_docs: int, n_rows: int, out: Path, seed: int = 0):
     """(Read, Embedded, Mined, topic_of) as the stages before the batch stage leave them."""
     from curate import schema
     from curate.batch.dedup import add_text_hash
-    from curate.files import write_table
-    from curate.mine.negatives import load_doc_texts, write_doc_texts
+    from curate.mine.negatives import load_doc_texts, write_doc_ids, write_doc_texts
     from curate.read.dataset import Dataset
     from curate.records import Embedded, Known, Mined, Read
 
@@ -46,7 +45,7 @@ def records(n_docs: int, n_rows: int, out: Path, seed: int = 0):
     )
     (out / "work").mkdir()
     write_doc_texts(out / "work" / "doc_texts.arrow", texts)  # as the index stage leaves them
-    write_table(out / "work" / "doc_ids.parquet", pa.table({"doc_id": doc_ids.to_arrow()}))
+    write_doc_ids(out / "work" / "doc_ids.arrow", doc_ids)
     del texts
     q_ids = pl.Series("query_id", [f"q{i}" for i in range(n_rows)], pl.String)
     queries = pl.DataFrame({"query_id": q_ids, "text": [f"query {i}" for i in range(n_rows)]})

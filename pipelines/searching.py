@@ -191,9 +191,9 @@ def _mine_task(block_path: str, out_path: str, chunks: list, rows: tuple[int, in
     block = mine.load_block(block_path, vecs)
     parts = _block_rows(chunks, rows)
     doc_hash = np.load(files.doc_hash, mmap_mode="r")
-    # An Arrow column the negatives are taken from: as a Python list every task would hold an
-    # object per document (10M at MS MARCO scale).
-    doc_ids = pq.ParquetFile(files.doc_ids).read().column("doc_id").combine_chunks()
+    # The mapped id column the negatives are taken from: as a Python list every task would hold
+    # an object per document (10M at MS MARCO scale), as a Parquet read every id.
+    doc_ids = mine.load_doc_ids(files.doc_ids)
     # Per-shard hits -> the exact global top-k (ties on the lower doc number): one code path
     # whatever the shard count, so sharded and unsharded flat runs mine the same negatives.
     scores, cands = index.merge_topk(parts, offsets, mcfg.top_k)
@@ -216,7 +216,7 @@ def _mine_task(block_path: str, out_path: str, chunks: list, rows: tuple[int, in
     forbidden = pa.table(
         {
             "query_id": [block.query_ids[q] for q, _, _ in res.forbidden],
-            "doc_id": doc_ids.take(pa.array([d for _, d, _ in res.forbidden], pa.int64())),
+            "doc_id": _take_ids(doc_ids, [d for _, d, _ in res.forbidden]),
             "reason": [r for _, _, r in res.forbidden],
             "score": pa.array(res.forbidden_scores, pa.float32()),
         },
@@ -234,7 +234,14 @@ def _ids_lists(doc_ids: pa.Array, rows: list) -> pa.ListArray:
     offsets = np.zeros(len(rows) + 1, np.int32)
     np.cumsum([len(r) for r in rows], out=offsets[1:])
     flat = np.concatenate([np.asarray(r, np.int64) for r in rows]) if rows else np.zeros(0, int)
-    return pa.ListArray.from_arrays(pa.array(offsets), doc_ids.take(pa.array(flat, pa.int64())))
+    return pa.ListArray.from_arrays(pa.array(offsets), _take_ids(doc_ids, flat))
+
+
+def _take_ids(doc_ids: pa.ChunkedArray, rows) -> pa.Array:
+    """Ids by doc number as one string array (the mapped column is large_string, chunked)."""
+    taken = doc_ids.take(pa.array(rows, pa.int64()))
+    return (taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken).cast(
+        pa.string())
 
 
 def _forbidden_path(path: Path) -> Path:
@@ -345,7 +352,7 @@ def mine_pairs(
     paths = [t[2] for t in todo]
     if missing := [t for t in todo if not t[2].exists()]:
         files = MineFiles(*(str(work_dir / n) for n in ("doc_vecs.npy", "doc_hash.npy",
-                                                         "doc_ids.parquet")),
+                                                         "doc_ids.arrow")),
                           _stacked_queries(workers, blocks, query_vecs, part_dir, search_key))
         hits_dir = part_dir / f"hits-{search_key}"
         hits_dir.mkdir(exist_ok=True)

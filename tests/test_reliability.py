@@ -17,6 +17,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -31,6 +32,7 @@ from curate.errors import (
     StageMismatchError,
 )
 from curate.index import build as index
+from curate.mine.negatives import load_doc_ids, write_doc_ids
 from curate.read.dataset import read_dataset, read_table
 from pipelines.run import run
 
@@ -337,3 +339,37 @@ def test_index_of_another_model_is_refused_before_mining(tmp_path, small, tiny_m
     index.write_record(work, record["model"], record["model_fingerprint"], record["dim"], n)
     with pytest.raises(StageMismatchError, match=r"index\.faiss holds 16-dim vectors.*32-dim"):
         run(cfg, stop_after="mine")
+
+
+def test_a_work_folder_without_the_mapped_ids_is_built_again(tmp_path, small, tiny_model,
+                                                              scheduler):
+    """A work folder from before the ids were a mapped file (or one a crash left short) is not
+    taken as built: the index stage writes its inputs again and mining reads the ids."""
+    out = tmp_path / "out"
+    cfg = _small_cfg(out, small, tiny_model, scheduler)
+    run(cfg, stop_after="index")
+    work = out / "work"
+    written = (work / "doc_ids.arrow").read_bytes()
+    (work / "doc_ids.arrow").unlink()
+    run(cfg, stop_after="mine")
+    assert (work / "doc_ids.arrow").read_bytes() == written
+    ids = load_doc_ids(str(work / "doc_ids.arrow")).to_pylist()
+    assert len(ids) == json.loads((work / index.RECORD).read_text())["docs"]
+    parts = [p for p in (work / "mined").glob("*.parquet") if "forbidden" not in p.name]
+    mined = pl.concat([pl.read_parquet(p) for p in parts])
+    assert mined.height and set(mined["neg_ids"].explode().drop_nulls()) <= set(ids)
+
+
+def test_mapped_ids_come_back_as_strings_whatever_their_chunks(tmp_path):
+    from pipelines.searching import _ids_lists, _take_ids
+
+    ids = pl.concat([pl.Series("doc_id", [f"d{i}" for i in range(5)]),
+                     pl.Series("doc_id", [f"e{i}" for i in range(4)])], rechunk=False)
+    write_doc_ids(tmp_path / "doc_ids.arrow", ids)
+    mapped = load_doc_ids(str(tmp_path / "doc_ids.arrow"))
+    assert mapped.to_pylist() == ids.to_list()
+    taken = _take_ids(mapped, [8, 0, 5])
+    assert taken.type == pa.string() and taken.to_pylist() == ["e3", "d0", "e0"]
+    lists = _ids_lists(mapped, [[1, 6], [], [4]])
+    assert lists.type == pa.list_(pa.string())
+    assert lists.to_pylist() == [["d1", "e1"], [], ["d4"]]

@@ -195,14 +195,14 @@ def test_shards_written_by_tasks_from_row_numbers_are_the_same_bytes(tmp_path):
     task that reads the texts from the memory-mapped corpus text file and is renamed into
     place by the driver. Same bytes as the whole table written at once, nothing left over."""
     from curate.batch.stage import _Staged
-    from curate.mine.negatives import write_doc_texts
+    from curate.mine.negatives import write_doc_ids, write_doc_texts
 
     full = shard_table()
     rows, ids, texts, known = _by_number(full)
     work = tmp_path / "run" / "work"
     work.mkdir(parents=True)
     write_doc_texts(work / "doc_texts.arrow", texts)
-    pq.write_table(pa.table({"doc_id": ids.to_arrow()}), work / "doc_ids.parquet")
+    write_doc_ids(work / "doc_ids.arrow", ids)
     staged = _Staged(work / "shards-staging", rows, known)
     calls = []
 

@@ -247,18 +247,16 @@ def fill_shard(rows_path: str, start: int, bounds: tuple[int, ...], out_path: st
                texts_path: str, ids_path: str, known_path: str) -> str:
     """A worker task: rows ``start`` .. of the staged shard rows (``text_rows``, an Arrow file)
     -> one shard file at ``out_path``, its texts read from the memory-mapped corpus texts, its
-    doc ids from the index stage's id file and its queries' known positives from
+    doc ids from the index stage's mapped id file and its queries' known positives from
     ``known_path``. Arguments are paths and numbers: the scheduler carries no text."""
-    import pyarrow.parquet as pq
-
     from curate.batch.shards import write_shard
-    from curate.mine.negatives import load_doc_texts
+    from curate.mine.negatives import load_doc_ids, load_doc_texts
 
     rows = pa.ipc.open_file(pa.memory_map(rows_path)).read_all().slice(start, bounds[-1])
     queries = pl.from_arrow(rows.column("query_id")).unique()
     known = pl.scan_parquet(known_path).filter(pl.col("query_id").is_in(queries.implode()))
-    ids = pq.read_table(ids_path, columns=["doc_id"]).column("doc_id")
-    filled = with_row_texts(rows, load_doc_texts(texts_path), ids, known.collect())
+    filled = with_row_texts(rows, load_doc_texts(texts_path), load_doc_ids(ids_path),
+                            known.collect())
     write_shard(filled, bounds, Path(out_path))
     return out_path
 

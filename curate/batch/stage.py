@@ -149,7 +149,7 @@ class _Staged:
             w.write_table(rows)
         known.write_parquet(self.known)
         self.texts = self.folder.parent / "doc_texts.arrow"  # the index stage's
-        self.ids = self.folder.parent / "doc_ids.parquet"
+        self.ids = self.folder.parent / "doc_ids.arrow"
 
     def write(self, jobs: list[shards.ShardJob], tasks: Tasks) -> list[Path]:
         args = [(str(self.rows), j.start, j.bounds, str(self.folder / j.name), str(self.texts),

@@ -11,12 +11,11 @@ from itertools import chain
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from curate.config import Config
-from curate.files import atomic_path, atomic_write_bytes, npy_file, write_table
+from curate.files import atomic_path, atomic_write_bytes, npy_file
 from curate.index.build import RECORD, write_record
-from curate.mine.negatives import write_doc_texts
+from curate.mine.negatives import write_doc_ids, write_doc_texts
 from curate.records import Embedded, Model, Read
 from curate.text import content_hash
 
@@ -39,7 +38,7 @@ def fingerprint(cfg: Config, model: Model, emb: Embedded) -> str:
 
 def is_built(work: Path, fp: str) -> bool:
     stamp = work / STAMP
-    ready = (work / "doc_texts.arrow").is_file() and (work / RECORD).is_file()
+    ready = all((work / n).is_file() for n in ("doc_texts.arrow", "doc_ids.arrow", RECORD))
     return stamp.is_file() and stamp.read_text() == fp and ready
 
 
@@ -55,8 +54,7 @@ def write_inputs(work: Path, read: Read, emb: Embedded) -> None:
         with atomic_path(work / "doc_vecs.npy", ".tmp.npy") as tmp:  # never into a linked file
             np.save(tmp, emb.doc_vecs)
     np.save(work / "doc_hash.npy", read.corpus["hash"].to_numpy().astype(np.uint64))
-    write_table(work / "doc_ids.parquet",
-                pa.table({"doc_id": emb.doc_ids.to_arrow().cast(pa.string())}))
+    write_doc_ids(work / "doc_ids.arrow", emb.doc_ids)
 
 
 def _link(source: str, path: Path) -> None:
