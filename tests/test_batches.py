@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from curate.batch.compose import Row, compose
-from curate.batch.dedup import add_text_hash, canonical_ids, semantic_duplicates
+from curate.batch.dedup import add_text_hash, canonical_ids, repeated_rows, semantic_duplicates
 from curate.batch.topics import cluster, n_topics_for
 from curate.config import BatchConfig
 
@@ -244,6 +244,15 @@ def test_canonical_ids_map_text_variants_to_smallest_id():
     canon = canonical_ids(add_text_hash(corpus))
     # "Hello world" from title + text collides too: the hash is of title + " " + text.
     assert canon.rows() == [("d2", "d2"), ("d5", "d5"), ("d7", "d2"), ("d9", "d2")]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 5000])
+def test_repeated_rows_are_the_rows_is_duplicated_flags(n):
+    rng = np.random.default_rng(n)
+    for high in (max(n // 3, 1), 2**64 - 1):  # many repeats; almost none (full u64 range)
+        h = rng.integers(0, high, n, dtype=np.uint64, endpoint=True)
+        want = np.flatnonzero(pl.Series(h).is_duplicated().to_numpy())
+        assert np.array_equal(repeated_rows(h), want)
 
 
 def test_semantic_duplicates_links_close_vectors():

@@ -24,6 +24,15 @@ def add_text_hash(corpus: pl.DataFrame) -> pl.DataFrame:
     return corpus.with_columns(pl.Series("hash", out, pl.UInt64))
 
 
+def repeated_rows(hashes: np.ndarray) -> np.ndarray:
+    """Rows whose hash another row shares, ascending. One sorted copy of the hashes (80 MB at
+    10M docs) where a hash table over them (``is_duplicated``) took ~8x that in the driver."""
+    ordered = np.sort(hashes)
+    dup = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    del ordered
+    return np.flatnonzero(np.isin(hashes, dup)) if len(dup) else np.zeros(0, np.int64)
+
+
 def canonical_ids(corpus: pl.DataFrame) -> pl.DataFrame:
     """doc_id -> canonical_id, the smallest doc_id sharing its text hash (order-independent).
 

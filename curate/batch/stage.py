@@ -47,7 +47,7 @@ def canonical_map(cfg: Config, read: Read, emb: Embedded) -> tuple[dict[str, str
     # Only the duplicates: every reader looks ids up with canon.get(d, d), and a map of every
     # doc to itself would be the largest object of the stage (10M entries at MS MARCO scale).
     # The docs whose hash repeats first: every doc's canonical id, sorted, is N rows of strings.
-    shared = read.corpus.filter(pl.col("hash").is_duplicated())
+    shared = read.corpus[dedup.repeated_rows(read.corpus["hash"].to_numpy())]
     dups = dedup.canonical_ids(shared).filter(pl.col("doc_id") != pl.col("canonical_id"))
     canon = dict(zip(dups["doc_id"].to_list(), dups["canonical_id"].to_list()))
     info = {"exact_duplicates": len(canon)}
