@@ -359,3 +359,8 @@ def test_id_rows_gives_the_joins_rows_and_checks_a_hash_hit_against_the_id():
     assert forged(["nope"]).tolist() == [-1]
     forged.exact = False  # as when two keys share a hash: the join answers
     assert forged(["nope", "d7"]).tolist() == [-1, 7]
+    # Looked up a few ids at a time (the driver's bound on a lookup's scratch): the same rows.
+    many = [f"d{i}" for i in np.random.default_rng(0).integers(0, 1100, 5000)]
+    chunked = IdRows(keys)
+    chunked.CHUNK = 7
+    assert chunked(many).tolist() == rows_of(keys, many).tolist() == index(many).tolist()

@@ -60,7 +60,11 @@ def build_rows(
     offsets = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
     dup, to = docs(list(canon)), docs(list(canon.values()))
     pos = _canonical(docs(pl.from_arrow(mined.column("pos_id"))), dup, to)
-    neg = _canonical(docs(pl.from_arrow(pc.list_flatten(negs))), dup, to)
+    neg = np.empty(int(offsets[-1]), np.int64)
+    for r0 in range(0, len(lens), _ROWS_AT_ONCE):  # no Series of every negative's id at once
+        a, b = offsets[r0], offsets[min(r0 + _ROWS_AT_ONCE, len(lens))]
+        neg[a:b] = docs(pl.from_arrow(pc.list_flatten(negs.slice(r0, _ROWS_AT_ONCE))))
+    neg = _canonical(neg, dup, to)
     del negs
     if (pos < 0).any() or (neg < 0).any():
         raise KeyError("a mined pair names a doc id the corpus does not hold")  # a bug, not input
