@@ -349,9 +349,9 @@ def test_pair_blocks_take_rows_by_join_and_keep_pair_order():
     pairs = pl.DataFrame({"query_id": ["qc", "qa", "qc", "qb"], "doc_id": ["d2", "d0", "d3", "d1"]})
     known = {"qc": ["d3", "d2"], "qa": ["d0"], "qb": ["d1", "d0"]}
     first, second = pair_blocks(pairs, known, emb, size=2)
-    assert first.query_ids == ["qc", "qa"] and first.query_rows.tolist() == [2, 0]
+    assert list(first.query_ids) == ["qc", "qa"] and first.query_rows.tolist() == [2, 0]
     assert first.pair_query.tolist() == [0, 1, 0] and first.pair_pos.tolist() == [2, 0, 3]
-    assert first.pos_ids == ["d2", "d0", "d3"]
+    assert list(first.pos_ids) == ["d2", "d0", "d3"]
     assert [k.tolist() for k in first.known] == [[2, 3], [0]]
-    assert second.query_ids == ["qb"] and second.pair_query.tolist() == [0]
+    assert list(second.query_ids) == ["qb"] and second.pair_query.tolist() == [0]
     assert second.pair_pos.tolist() == [1] and [k.tolist() for k in second.known] == [[0, 1]]

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -58,28 +59,54 @@ def stable_seed(seed: int, *keys: str) -> list[int]:
 
 @dataclass
 class PairBlock:
-    """Integer view of one partition of training pairs; doc numbers index the corpus matrix."""
+    """Integer view of one partition of training pairs; doc numbers index the corpus matrix.
+    The driver holds every block while mining, so there its ids are polars Series and its known
+    positives one ``Ragged`` (a list of a Python string or array per query was ~0.36 GB at 1M
+    queries); the mine task reads lists back (``load_block``)."""
 
-    query_ids: list[str]  # [Q]
+    query_ids: Sequence[str]  # [Q]
     query_vecs: np.ndarray | None  # [Q, D]; None until the mine task reads them (query_rows)
     pair_query: np.ndarray  # [P] row in query_ids
     pair_pos: np.ndarray  # [P] doc number of the pair's positive
-    known: list[np.ndarray]  # [Q] doc numbers of every known positive of the query
-    pos_ids: list[str]  # [P] doc id of the pair's positive (for seeding)
+    known: Sequence[np.ndarray]  # [Q] doc numbers of every known positive of the query
+    pos_ids: Sequence[str]  # [P] doc id of the pair's positive (for seeding)
     doc_texts: str | None = None  # Arrow file of doc texts by doc number (n-gram rule); None: off
     query_rows: np.ndarray | None = None  # [Q] rows of the queries in the run's query vectors
+
+
+class Ragged(Sequence):
+    """Arrays ``values[offsets[i]:offsets[i + 1]]``, one flat array behind a sequence."""
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray):
+        self.values, self.offsets = values, offsets
+
+    @classmethod
+    def of(cls, arrays: Sequence[np.ndarray]) -> Ragged:
+        if isinstance(arrays, Ragged):
+            return arrays
+        lens = np.array([len(a) for a in arrays], dtype=np.int64)
+        return cls(np.concatenate([np.empty(0, np.int64), *arrays]).astype(np.int64),
+                   np.concatenate([[0], np.cumsum(lens)]).astype(np.int64))  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            raise TypeError("Ragged takes one index")
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
 
 
 def save_block(path: Path, block: PairBlock) -> None:
     """A block as a ``.npz`` without its vectors (no pickle: the mine task that reads it runs
     no code from a file); the ragged known-positive lists as values and offsets."""
-    known_len = np.array([len(k) for k in block.known], dtype=np.int64)
+    known = Ragged.of(block.known)
     with atomic_path(path, ".tmp.npz") as tmp:
         np.savez(
-            tmp, query_ids=np.array(block.query_ids, dtype=str), pair_query=block.pair_query,
-            pair_pos=block.pair_pos, known_len=known_len,
-            known=np.concatenate([np.empty(0, np.int64), *block.known]).astype(np.int64),
-            pos_ids=np.array(block.pos_ids, dtype=str), query_rows=block.query_rows,
+            tmp, query_ids=np.array(list(block.query_ids), dtype=str),
+            pair_query=block.pair_query, pair_pos=block.pair_pos,
+            known_len=np.diff(known.offsets), known=known.values,
+            pos_ids=np.array(list(block.pos_ids), dtype=str), query_rows=block.query_rows,
             doc_texts=np.array(block.doc_texts or "", dtype=str),
         )  # fmt: skip
 

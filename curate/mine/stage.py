@@ -16,7 +16,7 @@ from curate.config import Config, MineConfig
 from curate.effective import effective_settings
 from curate.files import write_json
 from curate.mine import ceiling, fncheck
-from curate.mine.negatives import PairBlock
+from curate.mine.negatives import PairBlock, Ragged
 from curate.records import Embedded, Indexed, Known, Mined, Read, rows_of
 from curate.text import LazyMap, content_hash
 
@@ -34,24 +34,30 @@ def pair_blocks(pairs: pl.DataFrame, known: Mapping[str, list[str]], emb: Embedd
     order = np.argsort(qi // size, kind="stable")
     ends = np.searchsorted(qi[order] // size, np.arange(1, -(-len(qids) // size) + 1))
     pos_ids = pairs["doc_id"]
-    qid_list = qids.to_list()
-    # Every query's known positives as rows in one lookup, not one per block.
+    # Every query's known positives as rows in one lookup, not one per block: those in the
+    # corpus, sorted within their query, one flat array cut at the queries.
     counts, flat = Known.of(known).flat(qids)
-    known_rows = np.split(emb.doc_rows(flat), np.cumsum(counts)[:-1])
+    rows = emb.doc_rows(flat)
+    owner = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    keep = rows >= 0
+    rows, owner = rows[keep], owner[keep]
+    by = np.lexsort((rows, owner))
+    rows, owner = rows[by], owner[by]
+    starts = np.searchsorted(owner, np.arange(len(qids) + 1))
     blocks, start_pair = [], 0
     for b, stop_pair in enumerate(ends.tolist()):
-        ids = qid_list[b * size : (b + 1) * size]
+        q0, q1 = b * size, min((b + 1) * size, len(qids))
         take = order[start_pair:stop_pair]
         start_pair = stop_pair
         blocks.append(
             PairBlock(
-                query_ids=ids,
+                query_ids=qids.slice(q0, q1 - q0),
                 query_vecs=None,
-                pair_query=qi[take] - b * size,
+                pair_query=qi[take] - q0,
                 pair_pos=pos[take],
-                known=[np.sort(r[r >= 0]) for r in known_rows[b * size : (b + 1) * size]],
-                pos_ids=pos_ids.gather(take).to_list(),
-                query_rows=q_rows[b * size : (b + 1) * size],
+                known=Ragged(rows[starts[q0] : starts[q1]], starts[q0 : q1 + 1] - starts[q0]),
+                pos_ids=pos_ids.gather(take),
+                query_rows=q_rows[q0:q1],
             )
         )
     return blocks  # fmt: skip
