@@ -86,8 +86,10 @@ class IdRows:
     def __init__(self, keys: pl.Series):
         self.keys = id_series(keys)
         hashes = self.keys.hash(self.SEED).to_numpy()
-        self.order = np.argsort(hashes, kind="stable")
-        self.sorted = hashes[self.order]
+        order = np.argsort(hashes, kind="stable")
+        self.sorted = hashes[order]
+        # Held as long as the record: int32 while the rows fit (40 MB less at 10M docs).
+        self.order = order.astype(np.int32) if len(order) < 2**31 else order
         self.exact = not bool((self.sorted[1:] == self.sorted[:-1]).any())
 
     def __len__(self) -> int:
