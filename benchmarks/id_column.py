@@ -5,7 +5,7 @@ read whole (before 2026-12-03) against the mapped Arrow id file (``negatives.loa
     python benchmarks/id_column.py --ids WORK/doc_ids.parquet --mode parquet --rows 60000
 
 Run the two side by side (paired) for a ratio; each run prints its wall time and peak RSS.
-``--make-parquet`` / ``--make-arrow`` write one form from the other (same ids, same order)."""
+``--make-arrow OUT`` writes the Parquet ``--ids`` as the mapped file (same ids, same order)."""
 
 from __future__ import annotations
 

@@ -216,7 +216,7 @@ def _mine_task(block_path: str, out_path: str, chunks: list, rows: tuple[int, in
     forbidden = pa.table(
         {
             "query_id": [block.query_ids[q] for q, _, _ in res.forbidden],
-            "doc_id": _take_ids(doc_ids, [d for _, d, _ in res.forbidden]),
+            "doc_id": mine.take_strings(doc_ids, [d for _, d, _ in res.forbidden]),
             "reason": [r for _, _, r in res.forbidden],
             "score": pa.array(res.forbidden_scores, pa.float32()),
         },
@@ -234,14 +234,7 @@ def _ids_lists(doc_ids: pa.Array, rows: list) -> pa.ListArray:
     offsets = np.zeros(len(rows) + 1, np.int32)
     np.cumsum([len(r) for r in rows], out=offsets[1:])
     flat = np.concatenate([np.asarray(r, np.int64) for r in rows]) if rows else np.zeros(0, int)
-    return pa.ListArray.from_arrays(pa.array(offsets), _take_ids(doc_ids, flat))
-
-
-def _take_ids(doc_ids: pa.ChunkedArray, rows) -> pa.Array:
-    """Ids by doc number as one string array (the mapped column is large_string, chunked)."""
-    taken = doc_ids.take(pa.array(rows, pa.int64()))
-    return (taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken).cast(
-        pa.string())
+    return pa.ListArray.from_arrays(pa.array(offsets), mine.take_strings(doc_ids, flat))
 
 
 def _forbidden_path(path: Path) -> Path:

@@ -353,5 +353,8 @@ def test_pair_blocks_take_rows_by_join_and_keep_pair_order():
     assert first.pair_query.tolist() == [0, 1, 0] and first.pair_pos.tolist() == [2, 0, 3]
     assert list(first.pos_ids) == ["d2", "d0", "d3"]
     assert [k.tolist() for k in first.known] == [[2, 3], [0]]
+    assert first.known[-1].tolist() == [0] and len(first.known) == 2  # a sequence, as a list
+    with pytest.raises(IndexError):
+        first.known[2]
     assert list(second.query_ids) == ["qb"] and second.pair_query.tolist() == [0]
     assert second.pair_pos.tolist() == [1] and [k.tolist() for k in second.known] == [[0, 1]]

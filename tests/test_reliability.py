@@ -361,14 +361,15 @@ def test_a_work_folder_without_the_mapped_ids_is_built_again(tmp_path, small, ti
 
 
 def test_mapped_ids_come_back_as_strings_whatever_their_chunks(tmp_path):
-    from pipelines.searching import _ids_lists, _take_ids
+    from curate.mine.negatives import take_strings
+    from pipelines.searching import _ids_lists
 
     ids = pl.concat([pl.Series("doc_id", [f"d{i}" for i in range(5)]),
                      pl.Series("doc_id", [f"e{i}" for i in range(4)])], rechunk=False)
     write_doc_ids(tmp_path / "doc_ids.arrow", ids)
     mapped = load_doc_ids(str(tmp_path / "doc_ids.arrow"))
     assert mapped.to_pylist() == ids.to_list()
-    taken = _take_ids(mapped, [8, 0, 5])
+    taken = take_strings(mapped, [8, 0, 5])
     assert taken.type == pa.string() and taken.to_pylist() == ["e3", "d0", "e0"]
     lists = _ids_lists(mapped, [[1, 6], [], [4]])
     assert lists.type == pa.list_(pa.string())

@@ -15,6 +15,7 @@ from curate import schema
 from curate.batch import topics
 from curate.batch.compose import RowTable, compose
 from curate.config import BatchConfig
+from curate.mine.negatives import take_strings
 from curate.records import IdRows, Known
 
 
@@ -228,11 +229,7 @@ def with_row_texts(rows: pa.Table, texts: pa.ChunkedArray, ids: pa.Array,
     known positives (``known_table``)."""
     negs = rows.column("neg_rows").combine_chunks()
     offsets = pc.subtract(negs.offsets, negs.offsets[0])  # a slice's offsets start past 0
-    pos, flat = rows.column("pos_row"), negs.flatten()
-
-    def take(column, at) -> pa.Array:
-        return _one(column.take(at)).cast(pa.string())
-
+    pos, flat, take = _one(rows.column("pos_row")), negs.flatten(), take_strings
     return _shard_rows(rows, {
         "query": rows.column("query").combine_chunks().cast(pa.string()),
         "pos_id": take(ids, pos), "pos": take(texts, pos),

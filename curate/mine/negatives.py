@@ -94,6 +94,10 @@ class Ragged(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             raise TypeError("Ragged takes one index")
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"Ragged index {i} out of range for {n} arrays")
+        i %= n
         return self.values[self.offsets[i] : self.offsets[i + 1]]
 
 
@@ -262,19 +266,26 @@ def text_array(texts) -> pa.Array | pa.ChunkedArray:
     return texts.to_arrow() if hasattr(texts, "to_arrow") else pa.array(texts, pa.string())
 
 
-def load_doc_texts(path: str) -> pa.ChunkedArray:
-    """The texts written by ``write_doc_texts``; cached per process until the file changes."""
+def load_doc_column(path: str) -> pa.ChunkedArray:
+    """The column written by ``write_doc_texts`` or ``write_doc_ids``, memory-mapped; cached per
+    process until the file changes."""
     return _open_column(path, os.stat(path).st_mtime_ns)
 
 
-def load_doc_ids(path: str) -> pa.ChunkedArray:
-    """The ids written by ``write_doc_ids``, mapped; cached per process until the file changes."""
-    return _open_column(path, os.stat(path).st_mtime_ns)
+load_doc_texts = load_doc_ids = load_doc_column  # the names say which file a caller reads
 
 
 @lru_cache(maxsize=2)  # a worker's texts and ids
 def _open_column(path: str, mtime_ns: int) -> pa.ChunkedArray:
     return pa.ipc.open_file(pa.memory_map(path)).read_all().column(0)
+
+
+def take_strings(column: pa.Array | pa.ChunkedArray, rows) -> pa.Array:
+    """``column``'s values at ``rows`` (doc numbers) as one ``string`` array, the shard and
+    mined schemas' type (the mapped columns are large_string, in chunks)."""
+    taken = column.take(pa.array(rows, pa.int64()) if not isinstance(rows, pa.Array) else rows)
+    return (taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken).cast(
+        pa.string())
 
 
 def _ngram_duplicates(cand, known, texts, threshold: float, grams: dict) -> np.ndarray:
