@@ -95,7 +95,7 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
         with clock("mine"):
             mined = stages.mine_stage(workers, cfg, read, emb, indexed)
         with clock("fncheck"):  # false-negative check, mining quality, teacher scores
-            mined = mine.check(cfg, read, emb, indexed, mined)
+            mined = mine.check(cfg, read, emb, indexed, mined, cache)
         if stop_after == "mine":
             return stop("mine")
         with clock("curate"):  # topics in a task, then the batches and shards

@@ -64,6 +64,33 @@ def test_embedder_scorer_is_the_cosine_of_encoder_embeddings(tiny_model, texts):
     )
 
 
+def test_embedder_scorer_keeps_its_embeddings_in_the_cache_folder(tiny_model, texts, tmp_path):
+    """A second run embeds only the texts the first did not; the scores are the same; another
+    max length is another model key; a file that did not come from curate is left alone."""
+    queries, docs = texts
+    (tmp_path / "notes.txt").write_text("mine")
+    want = load(str(tiny_model), "embedder", 64, "fncheck.scorer", "cpu").score(queries, docs)
+    first = load(str(tiny_model), "embedder", 64, "fncheck.scorer", "cpu", tmp_path)
+    np.testing.assert_allclose(first.score(queries[:3], docs[:3]), want[:3], atol=1e-6)
+    files = sorted(tmp_path.glob("scorer-*.npz"))
+    assert len(files) == 2  # the queries' and the docs' first embeddings
+
+    calls = []
+    again = load(str(tiny_model), "embedder", 64, "fncheck.scorer", "cpu", tmp_path)
+    encode = again.encoder.encode
+    again.encoder.encode = lambda t, *a, **k: calls.append(list(t)) or encode(t, *a, **k)
+    np.testing.assert_allclose(again.score(queries, docs), want, atol=1e-6)
+    assert sorted(t for c in calls for t in c) == sorted(set(queries[3:]) | set(docs[3:]))
+    assert len(sorted(tmp_path.glob("scorer-*.npz"))) == 4
+
+    calls.clear()
+    np.testing.assert_allclose(again.score(queries, docs), want, atol=1e-6)
+    assert calls == []  # everything cached, nothing written
+    other = load(str(tiny_model), "embedder", 32, "fncheck.scorer", "cpu", tmp_path)
+    assert other.cache.prefix != again.cache.prefix and len(other.cache.hashes) == 0
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_packaged_model_resolves_by_name_for_the_embedder_kind():
     assert (resolve("all-MiniLM-L6-v2", "embedder", "fncheck.scorer") / "config.json").is_file()
     with pytest.raises(ConfigError, match="fncheck.scorer: 'all-MiniLM-L6-v2' is not a local"):

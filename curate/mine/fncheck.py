@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Mapping
+from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
@@ -188,16 +189,18 @@ def apply(
     known: Mapping[str, list[str]],
     query_text: Mapping[str, str],
     doc_text: Mapping[str, str],
+    cache_dir: Path | None = None,
 ):
     """fncheck, mining quality, then teacher rescoring -> (mined, forbidden, known, manifest
-    sections). ``funnel`` is updated in place (kept -> confirmed_false_negative)."""
+    sections). ``funnel`` is updated in place (kept -> confirmed_false_negative); an embedder
+    scorer keeps its embeddings in ``cache_dir`` for the next run."""
     device = cfg.embed.device
     loaded: dict[tuple, scorer.PairScores] = {}
 
     def scores_for(sec, key: str) -> scorer.PairScores:
         spec = (sec.scorer, sec.kind, sec.max_length)
         if spec not in loaded:
-            model = scorer.load(sec.scorer, sec.kind, sec.max_length, key, device)
+            model = scorer.load(sec.scorer, sec.kind, sec.max_length, key, device, cache_dir)
             loaded[spec] = scorer.PairScores(model, query_text, doc_text)
         return loaded[spec]
 

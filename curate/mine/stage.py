@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -109,9 +110,11 @@ def calibrate_ceiling(cfg: Config, read: Read, emb: Embedded,
     return dataclasses.replace(cfg.mine, max_relative=cal.max_relative), cal  # fmt: skip
 
 
-def check(cfg: Config, read: Read, emb: Embedded, indexed: Indexed, mined: Mined) -> Mined:
-    """False-negative check, mining quality and teacher scores, then the manifest's sections
-    on the index, the settings decided at run time and the embeddings."""
+def check(cfg: Config, read: Read, emb: Embedded, indexed: Indexed, mined: Mined,
+          cache: Path | None = None) -> Mined:
+    """False-negative check, mining quality and teacher scores (an embedder scorer's vectors
+    kept in ``cache``), then the manifest's sections on the index, the settings decided at run
+    time and the embeddings."""
     pairs, forbidden, known, checks = fncheck.apply(
         cfg,
         mined.pairs,
@@ -120,6 +123,7 @@ def check(cfg: Config, read: Read, emb: Embedded, indexed: Indexed, mined: Mined
         mined.known,
         LazyMap(lambda: read.query_text),
         LazyMap(lambda: read.doc_text),
+        cache,
     )
     checks["index_recall"] = indexed.recall
     checks["effective"] = effective_settings(
