@@ -60,6 +60,10 @@ VARIANTS = {
     # A stronger embedder (all-mpnet-base-v2, CURATE_TEACHER) judges the harder negatives the
     # best positive's ceiling lets through: the false-negative check drops those it scores at
     # least as high as the row's positive (fn); it also rescores them for KL distillation (kl).
+    # the ceiling from the weakest positive that became a training row, not the weakest known
+    "D-trained": {"mine.ceiling_over": "trained"},
+    "D-trained-median": {"mine.ceiling_over": "trained", "mine.ceiling_from": "median"},
+    "D-sym": {"train.symmetric": True},
     "D-fn": {"mine.ceiling_from": "best", **_FN},
     "D-fn-kl": {"mine.ceiling_from": "best", **_FN, **_KL},
 }

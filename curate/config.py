@@ -137,6 +137,10 @@ class MineConfig:
     # ceiling let unlabelled positives through and training fell below the base model
     # (docs/quality.md); with one positive per query all three are the same.
     ceiling_from: Literal["best", "median", "weakest"] = "weakest"
+    # Whose scores ceiling_from ranks: every known positive of the query, or only those that
+    # became its training rows (data.train_positives): with graded qrels and above_lowest the
+    # lowest grade then stays known (masked, forbidden) without lowering every ceiling to it.
+    ceiling_over: Literal["known", "trained"] = "known"
     # A target false-negative rate (e.g. 0.01): max_relative is then chosen per dataset by hiding
     # each known positive in turn and counting how often it would be mined (curate/ceiling.py).
     calibrate_ceiling: float | None = field(default=None, metadata=_range(0.0, 1.0))

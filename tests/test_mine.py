@@ -155,6 +155,22 @@ def test_ceiling_from_best_median_or_weakest_positive(frm, ceiling, kept):
         assert res.funnel["above_ceiling"] == 3 - len(kept)
 
 
+def test_ceiling_over_trained_positives_ignores_known_positives_without_a_row():
+    # q0 knows d0 (0.8) and d1 (0.6) but trains only (q0, d0): "trained" takes the weakest of
+    # its rows (0.8 -> ceiling 0.76), "known" the weakest known (0.6 -> 0.57). d1 stays known.
+    hits = search_result([(1, 0.9), (4, 0.75), (5, 0.70), (6, 0.5)])
+    res = mine(q0_block([0]), hits, cfg(max_relative=0.95, ceiling_from="weakest",
+                                        ceiling_over="trained"))  # fmt: skip
+    assert negs(res) == [4, 5, 6]
+    assert (0, 1, "known_positive") in res.forbidden
+    res = mine(q0_block([0]), hits, cfg(max_relative=0.95, ceiling_from="weakest"))
+    assert negs(res) == [6]
+    # Both pairs trained: the weakest row is d1 again.
+    res = mine(q0_block([0, 1]), hits, cfg(max_relative=0.95, ceiling_from="weakest",
+                                           ceiling_over="trained"))  # fmt: skip
+    assert negs(res, 0) == negs(res, 1) == [6]
+
+
 def test_ceiling_disabled_by_none():
     hits = search_result([(4, 0.79), (5, 0.70)])
     res = mine(q0_block(), hits, cfg(max_relative=None))

@@ -155,7 +155,7 @@ def mine_block(
     if block.doc_texts is not None and cfg.ngram_threshold is not None:
         texts = load_doc_texts(block.doc_texts)
     grams: dict[int, set[str]] = {}
-    query_reason, reason_of = None, None
+    query_reason, reason_of, trained_of = None, None, None
     for p in range(P):
         qi, pos = int(block.pair_query[p]), int(block.pair_pos[p])
         known = block.known[qi]
@@ -165,7 +165,12 @@ def mine_block(
         cand, cand_score = cands[qi][valid], scores[qi][valid]
         ranks = np.flatnonzero(valid).astype(np.int32)
         if len(known):
-            known_scores = doc_vecs[known] @ block.query_vecs[qi]
+            ref_docs = known
+            if cfg.ceiling_over == "trained":  # the query's pairs (its training rows) only
+                if trained_of is None or trained_of[0] != qi:
+                    trained_of = (qi, block.pair_pos[block.pair_query == qi])
+                ref_docs = trained_of[1]
+            known_scores = doc_vecs[ref_docs] @ block.query_vecs[qi]
             ref = float(CEILING_FROM[cfg.ceiling_from](known_scores))
         else:
             ref = pos_score
