@@ -57,13 +57,17 @@ VARIANTS = {
     "D-top": {"data.train_positives": "top_grade"},
     "D-min2": {"data.train_positives": "min_score", "data.train_min_score": 2.0},
     "D-above": {"data.train_positives": "above_lowest"},  # = D-min2 on NFCorpus and Cranfield
-    # A stronger embedder (all-mpnet-base-v2, CURATE_TEACHER) judges the harder negatives the
-    # best positive's ceiling lets through: the false-negative check drops those it scores at
-    # least as high as the row's positive (fn); it also rescores them for KL distillation (kl).
     # the ceiling from the weakest positive that became a training row, not the weakest known
     "D-trained": {"mine.ceiling_over": "trained"},
     "D-trained-median": {"mine.ceiling_over": "trained", "mine.ceiling_from": "median"},
+    # the loss: also doc -> query (sym); the positive out of the denominator (dcl); the batch's
+    # other known positives of a row as its targets, not masked (mp)
     "D-sym": {"train.symmetric": True},
+    "D-dcl": {"train.loss": "decoupled"},
+    "D-mp": {"train.loss": "multi_positive"},
+    # A stronger embedder (all-mpnet-base-v2, CURATE_TEACHER) judges the harder negatives the
+    # best positive's ceiling lets through: the false-negative check drops those it scores at
+    # least as high as the row's positive (fn); it also rescores them for KL distillation (kl).
     "D-fn": {"mine.ceiling_from": "best", **_FN},
     "D-fn-kl": {"mine.ceiling_from": "best", **_FN, **_KL},
 }
