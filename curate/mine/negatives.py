@@ -138,6 +138,16 @@ class MineResult:
     funnel: Counter = field(default_factory=Counter)
 
 
+def _ceiling_reference(block: PairBlock, qi: int, doc_vecs: np.ndarray, cfg: MineConfig) -> float:
+    """The score ``mine.ceiling_from`` picks among query ``qi``'s known positives
+    (``ceiling_over: known``) or among the positives of its training rows (``trained``)."""
+    if cfg.ceiling_over == "known":
+        docs = block.known[qi]
+    else:
+        docs = block.pair_pos[block.pair_query == qi]
+    return float(CEILING_FROM[cfg.ceiling_from](doc_vecs[docs] @ block.query_vecs[qi]))
+
+
 def mine_block(
     block: PairBlock,
     scores: np.ndarray,
@@ -155,7 +165,7 @@ def mine_block(
     if block.doc_texts is not None and cfg.ngram_threshold is not None:
         texts = load_doc_texts(block.doc_texts)
     grams: dict[int, set[str]] = {}
-    query_reason, reason_of, trained_of = None, None, None
+    query_reason, reason_of, ref_query, query_ref = None, None, None, 0.0
     for p in range(P):
         qi, pos = int(block.pair_query[p]), int(block.pair_pos[p])
         known = block.known[qi]
@@ -164,16 +174,12 @@ def mine_block(
         valid = cands[qi] >= 0
         cand, cand_score = cands[qi][valid], scores[qi][valid]
         ranks = np.flatnonzero(valid).astype(np.int32)
-        if len(known):
-            ref_docs = known
-            if cfg.ceiling_over == "trained":  # the query's pairs (its training rows) only
-                if trained_of is None or trained_of[0] != qi:
-                    trained_of = (qi, block.pair_pos[block.pair_query == qi])
-                ref_docs = trained_of[1]
-            known_scores = doc_vecs[ref_docs] @ block.query_vecs[qi]
-            ref = float(CEILING_FROM[cfg.ceiling_from](known_scores))
-        else:
+        if not len(known):
             ref = pos_score
+        else:
+            if qi != ref_query:  # one reference per query: score its positives once
+                ref_query, query_ref = qi, _ceiling_reference(block, qi, doc_vecs, cfg)
+            ref = query_ref
         if (qi, ref) != reason_of:  # one ceiling per query (mine.ceiling_from), so the pairs of
             # one query (adjacent in a block) share every verdict: judge its candidates once
             query_reason = _reasons(cand, cand_score, ranks, known, ref, doc_vecs, doc_hash, cfg)
