@@ -38,6 +38,22 @@ def test_hand_counted_case():
     assert calibrate(DOCS, QUERIES, KNOWN, weakest, target=0.01, seed=0).max_relative == 0.9
 
 
+def test_trained_reference_follows_ceiling_over_trained():
+    """``mine.ceiling_over: trained``: the reference comes from the training rows' positives,
+    as the miner takes it. Only doc 0 trained: hiding doc 1 is measured against 0.9 as before
+    (1 of 2 negatives at 1.00), hiding doc 0 leaves no reference and takes no part. Only doc 1
+    trained: hiding doc 0 is measured against 0.85 and scores above every ceiling -> 1.00."""
+    cfg = MineConfig(top_k=5, num_negatives=2, range_max=5, ceiling_over="trained")
+    via0 = calibrate(DOCS, QUERIES, KNOWN, cfg, 0.01, 0, trained=[np.array([0]), np.array([2])])
+    assert via0.held_out == 1 and via0.fn_rate["1.00"] == 0.5 and via0.max_relative == 0.9
+    via1 = calibrate(DOCS, QUERIES, KNOWN, cfg, 0.01, 0, trained=[np.array([1]), np.array([2])])
+    assert via1.held_out == 1 and via1.max_relative == 1.0
+    # No hiding with a reference left: the configured ceiling stays.
+    none = calibrate(DOCS, QUERIES, KNOWN, cfg, 0.01, seed=0,
+                     trained=[np.array([], np.int64), np.array([2])])  # fmt: skip
+    assert (none.max_relative, none.held_out) == (cfg.max_relative, 0)
+
+
 def test_random_strategy_counts_the_chance_of_being_drawn():
     """At 1.00 the hidden doc 1 is one of 4 eligible candidates, 2 drawn: expected 0.5 FN."""
     cfg = MineConfig(top_k=5, num_negatives=2, range_max=5, strategy="random")
@@ -62,11 +78,14 @@ def test_single_positive_data_keeps_the_configured_ceiling():
     assert (cal.max_relative, cal.queries, cal.fn_rate) == (MineConfig().max_relative, 0, {})
 
 
-def test_pipeline_mines_with_the_calibrated_ceiling(tmp_path, cranfield, tiny_model, monkeypatch):
+@pytest.mark.parametrize("over", ["known", "trained"])
+def test_pipeline_mines_with_the_calibrated_ceiling(tmp_path, cranfield, tiny_model, monkeypatch,
+                                                    over):
     cfg = pipeline_config(
         tmp_path / "out", cranfield, tiny_model, cluster={"workers": "in_process"}
     )
-    cfg["mine"] = {**cfg["mine"], "max_relative": None, "calibrate_ceiling": 0.0}
+    cfg["mine"] = {**cfg["mine"], "max_relative": None, "calibrate_ceiling": 0.0,
+                   "ceiling_over": over}
     cfg["train"] = {"enabled": False}
     cfg["eval"] = {"enabled": False}
     result = run(config_from_dict(cfg), quiet=True)

@@ -10,7 +10,8 @@ search depth, window, ceiling reference and number of negatives), and count how 
 one is chosen. Over many queries that is the false-negative rate a ceiling lets through on
 relevant docs like the labelled ones; the largest ceiling whose rate is within the target wins.
 Queries with a single positive say nothing about it, so a dataset without any keeps the ceiling
-from the config.
+from the config. With ``mine.ceiling_over: trained`` the reference is taken, as the miner takes
+it, from the positives of the query's training rows that are still visible.
 """
 
 from __future__ import annotations
@@ -43,10 +44,13 @@ def leave_one_out(
     query_vecs: np.ndarray,
     known: list[np.ndarray],
     cfg: MineConfig,
+    trained: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """-> (hidden positives chosen, negatives chosen) per ceiling in GRID, and how many positives
-    were hidden. ``known[i]``: doc rows of query i's known positives (two or more each).
-    Exact search, so the estimate does not depend on the index's approximation."""
+    were hidden. ``known[i]``: doc rows of query i's known positives (two or more each);
+    ``trained[i]``: those of its training rows, the reference's pool when given (a hiding that
+    leaves none visible takes no part). Exact search, so the estimate does not depend on the
+    index's approximation."""
     grid = np.array(GRID)[:, None]  # [G, 1]
     n = cfg.num_negatives
     fn, negs, held = np.zeros(len(GRID)), np.zeros(len(GRID)), 0
@@ -54,10 +58,14 @@ def leave_one_out(
     ranks = np.arange(scores.shape[1])
     window = (ranks >= cfg.range_min) & (ranks < cfg.range_max)
     for qi, pos in enumerate(known):
-        pos_scores = doc_vecs[pos] @ query_vecs[qi]
+        pool = pos if trained is None else np.asarray(trained[qi])
+        pool_scores = doc_vecs[pool] @ query_vecs[qi]
         for h, hidden in enumerate(pos):
             visible = np.delete(pos, h)
-            ref = float(CEILING_FROM[cfg.ceiling_from](np.delete(pos_scores, h)))
+            ref_scores = pool_scores[pool != hidden]
+            if not len(ref_scores):
+                continue  # the miner would have no row of this query to take a reference from
+            ref = float(CEILING_FROM[cfg.ceiling_from](ref_scores))
             keep = window & (cands[qi] >= 0) & ~np.isin(cands[qi], visible)
             s, is_hidden = scores[qi][keep], cands[qi][keep] == hidden
             eligible = s[None, :] <= grid * ref  # [G, C]: the miner drops score > ceiling
@@ -82,10 +90,13 @@ def calibrate(
     target: float,
     seed: int,
     max_queries: int = 1000,
+    trained: list[np.ndarray] | None = None,
 ) -> Calibration:
     """The largest ceiling in GRID whose leave-one-out false-negative rate is <= ``target``
     (the lowest in GRID when none is). ``known[i]``: doc rows of query i's known positives;
-    queries with fewer than two take no part, and at most ``max_queries`` are drawn."""
+    queries with fewer than two take no part, and at most ``max_queries`` are drawn.
+    ``trained[i]``: doc rows of query i's training-row positives, given when the ceiling's
+    reference comes from them (``mine.ceiling_over: trained``)."""
     multi = [i for i, pos in enumerate(known) if len(pos) >= 2]
     if not multi:
         log.info("ceiling calibration: no query has two known positives; max_relative stays %s",
@@ -94,8 +105,13 @@ def calibrate(
     if len(multi) > max_queries:
         multi = sorted(np.random.default_rng(seed).choice(multi, max_queries, replace=False))
     fn, negs, held = leave_one_out(
-        doc_vecs, query_vecs[multi], [np.asarray(known[i]) for i in multi], cfg
+        doc_vecs, query_vecs[multi], [np.asarray(known[i]) for i in multi], cfg,
+        None if trained is None else [np.asarray(trained[i]) for i in multi],
     )
+    if not held:
+        log.info("ceiling calibration: no hiding leaves a training-row positive as reference; "
+                 "max_relative stays %s", cfg.max_relative)
+        return Calibration(cfg.max_relative, 0, 0)
     rate = fn / np.maximum(negs, 1)
     ok = [c for c, r, m in zip(GRID, rate, negs, strict=True) if r <= target and m > 0]
     chosen = max(ok) if ok else GRID[-1]

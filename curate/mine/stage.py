@@ -98,6 +98,14 @@ def calibrate_ceiling(cfg: Config, read: Read, emb: Embedded,
         cal = ceiling.Calibration(**json.loads(path.read_text()))
     else:
         rows = [rs[rs >= 0] for rs in found]
+        trained = None
+        if cfg.mine.ceiling_over == "trained":  # the reference the miner takes: rows' positives
+            owner = rows_of(pl.Series(queries), read.pairs["query_id"])
+            pos = emb.doc_rows(read.pairs["doc_id"])
+            owner, pos = owner[pos >= 0], pos[pos >= 0]
+            by = np.lexsort((pos, owner))
+            cut = np.searchsorted(owner[by], np.arange(1, len(queries)))
+            trained = [np.unique(p) for p in np.split(pos[by], cut)]
         cal = ceiling.calibrate(
             emb.doc_vecs,
             emb.query_vecs[emb.query_rows(queries)],
@@ -105,6 +113,7 @@ def calibrate_ceiling(cfg: Config, read: Read, emb: Embedded,
             cfg.mine,
             cfg.mine.calibrate_ceiling,
             cfg.seed,
+            trained=trained,
         )
         write_json(path, dataclasses.asdict(cal))
     return dataclasses.replace(cfg.mine, max_relative=cal.max_relative), cal  # fmt: skip
