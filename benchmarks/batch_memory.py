@@ -7,8 +7,13 @@ where the whole pipeline at 1M queries takes hours. The shard writers run in a s
 (as on a cluster), so their memory is not the driver's.
 
     .venv/bin/python benchmarks/batch_memory.py --docs 1000000 --rows 100000
+    .venv/bin/python benchmarks/batch_memory.py --docs 1000000 --rows 100000 --where pipeline
 
-Prints one line per step in call order, in MB, then the stage's wall time.
+``--where driver`` (the default) runs ``curate.batch.stage.curate`` in this process and prints
+one line per step in call order, in MB, then the stage's wall time. ``--where pipeline`` runs
+the pipeline's stage (``pipelines.stages.curate_stage``: topics and composition in worker tasks)
+on a LocalCluster of one worker process and prints this process's peak over the stage and the
+worker's.
 """
 
 from __future__ import annotations
@@ -80,14 +85,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--docs", type=int, default=1_000_000)
     ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--where", choices=("driver", "pipeline"), default="driver")
     args = ap.parse_args()
+    if args.where == "pipeline":
+        return pipeline(args.docs, args.rows)
     from curate.batch import curation, stage
     from curate.config import config_from_dict
     from pipelines.cluster import arrow_system_allocator
 
     arrow_system_allocator()  # as the CLI does before the first Arrow buffer
     sampler, lines = Sampler(), []
-    for name in ("canonical_map", "_Staged"):
+    for name in ("canonical_map", "Staged"):
         sampler.step(stage, name, lines)
     for name in ("build_rows", "shard_table", "text_rows", "known_table"):
         sampler.step(curation, name, lines)
@@ -106,6 +114,58 @@ def main() -> None:
     print(f"{args.docs} docs, {args.rows} rows; records built: {start} MB")
     print("\n".join(lines))
     print(f"after the stage: {rss_mb()} MB; wall {wall:.1f} s")
+
+
+def pipeline(n_docs: int, n_rows: int) -> None:
+    """The pipeline's batch stage over the same records, on a LocalCluster of one worker, the
+    mined pairs memory-mapped from their file as the mine stage leaves them."""
+    from dataclasses import replace
+
+    from curate.config import config_from_dict
+    from curate.files import read_arrow, write_arrow
+    from pipelines.cluster import arrow_system_allocator, connect
+    from pipelines.stages import curate_stage
+
+    arrow_system_allocator()
+    sampler = Sampler()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        cfg = config_from_dict({"data": {"path": tmp}, "output_dir": tmp,
+                                "batch": {"batch_size": 32},
+                                "cluster": {"workers": "processes", "n_workers": 1}})  # fmt: skip
+        read, emb, mined, _ = records(n_docs, n_rows, out)
+        work = out / "work"  # what the index stage leaves beside the ids and texts
+        # The mined pairs as the mine stage leaves them: a file the driver maps, not a table.
+        write_arrow(work / "mined-pairs.arrow", mined.pairs)
+        mined = replace(mined, pairs=read_arrow(work / "mined-pairs.arrow"),
+                        pairs_file=str(work / "mined-pairs.arrow"))
+        np.save(work / "doc_hash.npy", read.corpus["hash"].to_numpy().astype(np.uint64))
+        np.lib.format.open_memmap(work / "doc_vecs.npy", "w+", np.float32, (n_docs, 1)).flush()
+        qv = np.random.default_rng(1).standard_normal((n_rows, 8)).astype(np.float32)
+        np.save(work / "query_vecs.npy", qv / np.linalg.norm(qv, axis=1, keepdims=True))
+        del qv
+        emb = replace(emb, query_vecs=np.load(work / "query_vecs.npy", mmap_mode="r"))
+        with connect(cfg.cluster, quiet=True) as workers:
+            # Reset twice: a sample taken before the first reset may land after it.
+            sampler.peak = 0
+            time.sleep(0.05)
+            start, sampler.peak = rss_mb(), 0
+            t0 = time.perf_counter()
+            curate_stage(workers, cfg, out, read, emb, mined, work)
+            wall = time.perf_counter() - t0
+            time.sleep(0.01)
+            peak = sampler.peak
+            worker = max(workers.client.run(_peak_mb).values())
+    print(f"{n_docs} docs, {n_rows} rows; records built: {start} MB")
+    print(f"driver over the stage: peak {peak} MB (+{peak - start}); worker peak {worker} MB; "
+          f"wall {wall:.1f} s")
+
+
+def _peak_mb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    return -1
 
 
 if __name__ == "__main__":

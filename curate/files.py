@@ -62,6 +62,23 @@ def write_table(path: Path, table: pa.Table, **options) -> None:
         pq.write_table(table, tmp, **(options or PARQUET_OPTS))
 
 
+def write_arrow(path: Path, tables) -> None:
+    """Arrow IPC file of ``tables`` (one table, or an iterable of tables of one schema, each
+    written as it comes: the whole never needs to be in memory), written then renamed."""
+    tables = iter([tables] if isinstance(tables, pa.Table) else tables)
+    first = next(tables)
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, \
+            pa.ipc.new_file(sink, first.schema) as w:  # fmt: skip
+        w.write_table(first)
+        for t in tables:
+            w.write_table(t)
+
+
+def read_arrow(path: str | Path) -> pa.Table:
+    """An Arrow IPC file memory-mapped: pages are read when a column is touched."""
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -220,6 +220,7 @@ class Mined:
     mine: MineConfig  # as mined: max_relative as the ceiling calibration left it
     calibration: Calibration | None
     checks: dict  # manifest sections: fncheck, mining_quality, index_recall, effective, ...
+    pairs_file: str | None = None  # the Arrow file ``pairs`` are mapped from, if they are
 
 
 @dataclass(frozen=True)

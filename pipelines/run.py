@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from curate import health, outdir, storage
-from curate.batch import stage as batch
 from curate.config import Config
 from curate.embed import encoder
 from curate.files import write_json
@@ -98,10 +97,8 @@ def run(cfg: Config, quiet: bool = False, stop_after: str = "eval") -> dict:
             mined = mine.check(cfg, read, emb, indexed, mined, cache)
         if stop_after == "mine":
             return stop("mine")
-        with clock("curate"):  # topics in a task, then the batches and shards
-            topic_of = stages.topics_stage(workers, cfg, emb, mined, work)
-            curated = batch.curate(cfg, out, read, emb, mined, topic_of,
-                                   tasks=stages.shard_tasks(workers))
+        with clock("curate"):  # topics and batches in tasks, then the shards
+            curated = stages.curate_stage(workers, cfg, out, read, emb, mined, work)
         result = {"output_dir": str(out), "shards": str(curated.shards),
                   "manifest": curated.summary, "effective": curated.summary["effective"]}
         if stop_after == "batch":

@@ -22,7 +22,15 @@ import pyarrow.parquet as pq
 
 from curate import schema
 from curate.config import IndexConfig, MineConfig
-from curate.files import NpyRows, RowSubset, atomic_path, npy_chunks, npy_file, write_table
+from curate.files import (
+    NpyRows,
+    RowSubset,
+    atomic_path,
+    npy_chunks,
+    npy_file,
+    write_arrow,
+    write_table,
+)
 from curate.index import build as index
 from curate.mine import negatives as mine
 from curate.text import content_hash
@@ -322,8 +330,9 @@ def mine_pairs(
     icfg: IndexConfig,
     mcfg: MineConfig,
     seed: int,
-) -> tuple[pa.Table, pa.Table, Counter]:
-    """Mine every block on the cluster -> (MINED table, FORBIDDEN table, filter funnel).
+) -> tuple[Path, pa.Table, Counter]:
+    """Mine every block on the cluster -> (the MINED table's Arrow file, FORBIDDEN table,
+    filter funnel).
 
     Each block is searched in every index shard by its own task (shard s prefers worker s mod
     #workers, so a worker holds only its shards in memory); the block's mine task merges the
@@ -370,11 +379,17 @@ def mine_pairs(
             (part_dir / f"{key}.block.npz").unlink(missing_ok=True)
     else:
         log.info("mining %d query blocks: %d cached", len(blocks), len(blocks))
-    tables, forbidden, funnel = [], [], Counter()
+    # The partitions streamed into one file the stages after map: the driver touches a few of
+    # its columns, the batch stage's task reads it whole. Named by the partitions, so a rerun
+    # over the same ones keeps it.
+    forbidden, funnel = [], Counter()
     for path in paths:
-        t = pq.ParquetFile(path).read()
-        meta = t.schema.metadata
-        funnel.update(json.loads(meta[b"funnel"]))
+        funnel.update(json.loads(pq.read_schema(path).metadata[b"funnel"]))
         forbidden.append(pq.ParquetFile(_forbidden_path(path)).read())
-        tables.append(t.replace_schema_metadata(None))
-    return pa.concat_tables(tables), pa.concat_tables(forbidden), funnel
+    pairs_file = part_dir / f"pairs-{content_hash([p.name for p in paths])}.arrow"
+    if not pairs_file.exists():
+        for old in part_dir.glob("pairs-*.arrow"):  # another run's settings
+            old.unlink()
+        parts = (pq.ParquetFile(p).read().replace_schema_metadata(None) for p in paths)
+        write_arrow(pairs_file, parts if paths else schema.MINED.empty_table())
+    return pairs_file, pa.concat_tables(forbidden), funnel

@@ -4,21 +4,25 @@ mine); the stages here add the small tasks that read every vector (recall guard,
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from curate.config import Config, EmbedConfig, IndexConfig
 from curate.embed import encoder as embed
 from curate.errors import DataError
-from curate.files import NpyRows, npy_file
+from curate.files import NpyRows, npy_file, read_arrow, write_arrow, write_table
 from curate.index import build as index
 from curate.index import stage as index_files
 from curate.mine import stage as mine_logic
-from curate.records import Embedded, Indexed, Mined, Model, Read
+from curate.records import Curated, Embedded, Indexed, Known, Mined, Model, Read
 from curate.text import content_hash
 from pipelines.cluster import Workers
 from pipelines.embedding import embed_texts, given_vectors
@@ -142,16 +146,105 @@ def mine_stage(workers: Workers, cfg: Config, read: Read, emb: Embedded, indexed
     mcfg, cal = mine_logic.calibrate_ceiling(cfg, read, emb, indexed)
     pairs, forbidden, funnel = mine_pairs(workers, blocks, emb.query_vecs, indexed.work,
                                           indexed.fingerprint, indexed.index, mcfg, cfg.seed)
+    del blocks
     # The embeddings' health (mean cosine of random doc pairs) from the index's copy, in a task.
     health = workers.client.submit(_health_task, str(indexed.work / "doc_vecs.npy"), cfg.seed,
                                    key=f"health-{indexed.fingerprint}", pure=False).result()
-    return Mined(pairs, forbidden, funnel, read.known, mcfg, cal, {"embedding_health": health})
+    return Mined(read_arrow(pairs), forbidden, funnel, read.known, mcfg, cal,
+                 {"embedding_health": health}, pairs_file=str(pairs))  # mapped, not read
 
 
-def topics_stage(workers: Workers, cfg: Config, emb: Embedded, mined: Mined,
-                 work: Path) -> dict[str, int]:
-    """Each training query's topic, k-means over their vectors in a task (half a million
-    queries at MS MARCO scale are 0.8 GB of vectors the driver should not hold)."""
+def curate_stage(workers: Workers, cfg: Config, out: Path, read: Read, emb: Embedded,
+                 mined: Mined, work: Path) -> Curated:
+    """Stage 5 with the driver out of the data: topics and composition (rows, batches, canonical
+    ids: ~2 GB at 10M docs x 1M rows) run in worker tasks that read the mined pairs and the
+    index's id, hash and text files; the driver writes the inputs, runs the shard tasks from
+    the composer's plan (paths and row bounds) and writes the manifest."""
+    from curate.batch import stage as batch
+
+    # Mining is over: the workers' index copies can go (a worker lost meanwhile has none).
+    workers.client.run(release_indexes, on_error="ignore")
+    inputs = work / "batch-inputs"
+    shutil.rmtree(inputs, ignore_errors=True)  # a crashed run's files
+    inputs.mkdir(parents=True)
+    pairs = mined.pairs_file  # the mine stage's file, unless the checks rewrote the pairs
+    if pairs is None:
+        pairs = str(inputs / "pairs.arrow")
+        write_arrow(Path(pairs), mined.pairs)
+    write_table(inputs / "forbidden.parquet", mined.forbidden)
+    Known.of(mined.known).pairs.write_parquet(inputs / "known.parquet")
+    write_arrow(inputs / "queries.arrow", read.dataset.queries.select("query_id", "text")
+                .to_arrow())  # fmt: skip
+    _topics(workers, cfg, emb, mined, work, inputs / "topics.npy")
+    staging = work / "shards-staging"
+    plan = workers.client.submit(
+        _compose_task, cfg, str(work), str(inputs), pairs, str(staging),
+        key=f"compose-{content_hash([str(work), json.dumps(cfg.to_dict(), sort_keys=True)])}",
+        pure=False,
+    ).result()  # fmt: skip
+    plan = json.loads(Path(plan).read_text())
+    jobs = [batch.shards.ShardJob(n, start, tuple(bounds)) for n, start, bounds in plan["jobs"]]
+    staged = batch.Staged.existing(staging)
+    files = batch.shards.write_shards(None, out / "shards", cfg.batch.batches_per_shard,
+                                      write_many=lambda js: staged.write(js, shard_tasks(workers)),
+                                      jobs=jobs)  # fmt: skip
+    os.replace(staging / batch.FORBIDDEN_FILE, out / batch.FORBIDDEN_FILE)
+    shutil.rmtree(staging)
+    shutil.rmtree(inputs)
+    return batch.finish(cfg, out, read, mined, plan["composed"], files)
+
+
+def release_indexes() -> None:
+    """On a worker: drop the search indexes the mine tasks loaded (4.9 GB at 10M docs)."""
+    import gc
+
+    from pipelines import searching
+
+    searching._INDEXES.clear()
+    gc.collect()
+
+
+def _compose_task(cfg: Config, work: str, inputs: str, pairs: str, staging: str) -> str:
+    """A worker task: the batch stage's composition over the files ``curate_stage`` wrote and the
+    index stage's (ids, text hashes, texts, vectors) -> the staged shard rows, forbidden pairs
+    and known positives in ``staging``, and the plan (shard jobs, counts) as a JSON path."""
+    from curate.batch import stage as batch
+    from curate.batch.curation import TextColumn, text_rows
+    from curate.batch.shards import shard_jobs
+    from curate.files import write_json
+    from curate.mine.negatives import load_doc_ids, load_doc_texts
+    from curate.read.dataset import Dataset
+
+    work_dir, inp, stage_dir = Path(work), Path(inputs), Path(staging)
+    doc_ids = pl.from_arrow(load_doc_ids(str(work_dir / "doc_ids.arrow")))
+    corpus = pl.DataFrame({"doc_id": doc_ids,
+                           "hash": pl.Series(np.load(work_dir / "doc_hash.npy"), dtype=pl.UInt64)})
+    queries = pl.from_arrow(read_arrow(inp / "queries.arrow"))
+    known = Known(pl.read_parquet(inp / "known.parquet"))
+    read = Read(Dataset(corpus, queries, {}, {}), corpus,
+                load_doc_texts(str(work_dir / "doc_texts.arrow")), pl.DataFrame(), known)
+    doc_vecs = np.load(work_dir / "doc_vecs.npy", mmap_mode="r")
+    emb = Embedded(doc_ids, doc_vecs, pl.Series([], dtype=pl.String),
+                   np.empty((0, doc_vecs.shape[1]), np.float32))
+    forbidden = pq.read_table(inp / "forbidden.parquet")
+    mined = Mined(read_arrow(pairs), forbidden, {}, known, cfg.mine, None, {})
+    labels = np.load(inp / "topics.npy").tolist()
+    topic_of = dict(zip(batch.train_queries(mined), labels, strict=True))
+    comp = batch.compose(cfg, read, emb, mined, topic_of)
+    query_text = TextColumn(queries["query_id"], queries["text"])
+    batch.Staged(stage_dir, text_rows(comp.table, query_text), comp.known)
+    write_table(stage_dir / batch.FORBIDDEN_FILE, comp.forbidden)
+    jobs = shard_jobs(comp.table.column("batch_id").to_numpy(), cfg.batch.batches_per_shard)
+    plan = {"jobs": [[j.name, j.start, list(j.bounds)] for j in jobs],
+            "composed": {"counts": comp.counts, "dropped_as_duplicate": comp.dropped_as_duplicate,
+                         "fate": dict(comp.fate), "dedup": comp.dedup}}  # fmt: skip
+    write_json(stage_dir / "plan.json", plan)
+    return str(stage_dir / "plan.json")
+
+
+def _topics(workers: Workers, cfg: Config, emb: Embedded, mined: Mined, work: Path,
+            out: Path) -> str:
+    """The training queries' topic labels, in their order, computed by a task into ``out``."""
     from curate.batch.stage import train_queries
 
     train_q = train_queries(mined)
@@ -160,13 +253,12 @@ def topics_stage(workers: Workers, cfg: Config, emb: Embedded, mined: Mined,
     np.save(work / "topic-rows.npy", rows)
     labels = workers.client.submit(
         _topics_task, src, str(work / "topic-rows.npy"), cfg.batch, cfg.seed,
-        str(work / "topics.npy"), workers.torch_threads, key=f"topics-{content_hash(train_q)}",
+        str(out), workers.torch_threads, key=f"topics-{content_hash(train_q)}",
         pure=False,
     ).result()  # fmt: skip
-    topic_of = dict(zip(train_q, np.load(labels).tolist()))
-    for name in ("topic-rows.npy", "topics.npy", "topic-source.npy"):
+    for name in ("topic-rows.npy", "topic-source.npy"):
         (work / name).unlink(missing_ok=True)
-    return topic_of
+    return labels
 
 
 def _topics_task(src: str, rows: str, bcfg, seed: int, out: str, threads: int) -> str:

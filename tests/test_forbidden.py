@@ -29,7 +29,7 @@ DOCS = {
 }
 
 
-def _curate(tmp_path):
+def _records(tmp_path):
     """Stage 5 on hand-made mining output: q1 (positive c) had "b" rejected as a likely false
     negative, while its twin "a" was cut at top_k and so never judged for q1; q2 (positive f)
     mines "a" as a negative, which puts column "a" in the batch both rows share."""
@@ -60,8 +60,41 @@ def _curate(tmp_path):
     read = Read(ds, corpus, list(DOCS.values()), pl.DataFrame(), known)
     emb = Embedded(list(DOCS), np.zeros((len(DOCS), 2), np.float32), ["q1", "q2"],
                    np.eye(2, dtype=np.float32))  # fmt: skip
-    curate(cfg, tmp_path, read, emb, Mined(mined, forbidden, funnel, known, cfg.mine, None, {}))
+    return cfg, read, emb, Mined(mined, forbidden, funnel, known, cfg.mine, None, {})
+
+
+def _curate(tmp_path):
+    cfg, read, emb, mined = _records(tmp_path)
+    curate(cfg, tmp_path, read, emb, mined)
     return tmp_path / "shards"
+
+
+def test_the_pipeline_stage_writes_what_curate_writes(tmp_path):
+    """pipelines.stages.curate_stage composes in a worker task from the files the index stage
+    leaves (ids, text hashes, texts, vectors) and the inputs it writes, and runs the shard tasks
+    from the task's plan: the same shards, forbidden pairs and manifest as ``curate`` over the
+    records in this process, and none of its scaffolding left behind."""
+    from curate.config import ClusterConfig
+    from curate.index.stage import write_inputs
+    from pipelines.cluster import connect
+    from pipelines.stages import curate_stage
+
+    cfg, read, emb, mined = _records(tmp_path)
+    curate(cfg, tmp_path / "here", read, emb, mined)
+    work = tmp_path / "staged" / "work"
+    work.mkdir(parents=True)
+    write_inputs(work, read, emb)
+    with connect(ClusterConfig(workers="in_process"), quiet=True) as workers:
+        got = curate_stage(workers, cfg, tmp_path / "staged", read, emb, mined, work)
+
+    def files(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file() and "work" not in p.parts}  # fmt: skip
+
+    assert files(tmp_path / "staged") == files(tmp_path / "here")
+    assert got.summary["counts"]["forbidden_pairs"] == 1
+    assert sorted(p.name for p in work.iterdir()) == ["doc_hash.npy", "doc_ids.arrow",
+                                                      "doc_texts.arrow", "doc_vecs.npy"]
 
 
 def test_forbidden_pairs_are_written_under_canonical_ids(tmp_path):

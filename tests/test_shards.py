@@ -194,7 +194,7 @@ def test_shards_written_by_tasks_from_row_numbers_are_the_same_bytes(tmp_path):
     """The cluster path: the rows staged with their docs' row numbers, each shard written by a
     task that reads the texts from the memory-mapped corpus text file and is renamed into
     place by the driver. Same bytes as the whole table written at once, nothing left over."""
-    from curate.batch.stage import _Staged
+    from curate.batch.stage import Staged
     from curate.mine.negatives import write_doc_ids, write_doc_texts
 
     full = shard_table()
@@ -203,7 +203,7 @@ def test_shards_written_by_tasks_from_row_numbers_are_the_same_bytes(tmp_path):
     work.mkdir(parents=True)
     write_doc_texts(work / "doc_texts.arrow", texts)
     write_doc_ids(work / "doc_ids.arrow", ids)
-    staged = _Staged(work / "shards-staging", rows, known)
+    staged = Staged(work / "shards-staging", rows, known)
     calls = []
 
     def run(fn, args, label):  # one process: the pipeline tests run these on a cluster

@@ -76,14 +76,16 @@ def write_shard(part: pa.Table, bounds: tuple[int, ...], path: Path) -> None:
             w.write_table(part.slice(a, b - a))
 
 
-def write_shards(table: pa.Table, out_dir: Path, batches_per_shard: int,
+def write_shards(table: pa.Table | None, out_dir: Path, batches_per_shard: int,
                  fill: Callable[[pa.Table], pa.Table] | None = None,
-                 write_many: Callable[[list[ShardJob]], list[Path]] | None = None) -> list[dict]:
+                 write_many: Callable[[list[ShardJob]], list[Path]] | None = None,
+                 jobs: list[ShardJob] | None = None) -> list[dict]:
     """``table`` (SHARD schema) sorted by batch_id -> shard files; returns their file records.
     ``fill``: a shard's rows -> its SHARD table (e.g. the texts looked up), called once per shard
     so that only one shard's worth of text is ever built. ``write_many``: writes every job's
     shard elsewhere (worker tasks, outside ``out_dir``) and returns the files in job order,
-    renamed into place here one by one."""
+    renamed into place here one by one; with ``jobs`` (``shard_jobs`` of the table, computed
+    where the table is) it needs no table."""
     if fill is None and write_many is None:
         schema.check(table, schema.SHARD, "shards")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +95,8 @@ def write_shards(table: pa.Table, out_dir: Path, batches_per_shard: int,
     (out_dir / MANIFEST).unlink(missing_ok=True)  # where an older curate wrote it
     for name in stale:  # a rerun with other settings may write fewer shards
         (out_dir / name).unlink(missing_ok=True)
-    jobs = shard_jobs(table.column("batch_id").to_numpy(), batches_per_shard)
+    if jobs is None:
+        jobs = shard_jobs(table.column("batch_id").to_numpy(), batches_per_shard)
     write_json(_ledger(out_dir), {"files": [j.name for j in jobs]})  # a crash forgets none
     staged = write_many(jobs) if write_many is not None else [None] * len(jobs)
     records = []

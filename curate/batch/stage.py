@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,12 +79,25 @@ def train_queries(mined: Mined) -> list[str]:
         maintain_order=True).to_list()  # fmt: skip
 
 
-def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined,
-           topic_of: dict[str, int] | None = None, tasks: Tasks | None = None) -> Curated:
-    """Shards, forbidden pairs and manifest under ``out``; every count from what was written.
-    ``topic_of``: each training query's topic when computed elsewhere (a worker task), else
-    here from the query vectors. ``tasks``: runs the shard writers on the cluster (they read
-    the doc texts from the index's files there), else they run here."""
+@dataclass
+class Composed:
+    """What composition leaves for the shard writers and the manifest: the rows of every batch
+    (SHARD schema without texts, sorted by batch_id), the forbidden pairs under canonical ids,
+    the known positives of the training queries, and the stage's counts."""
+
+    table: pa.Table
+    forbidden: pa.Table
+    known: pl.DataFrame
+    counts: dict  # the manifest's stage-5 counts, in its order
+    dropped_as_duplicate: int  # the funnel's share of stage 5 (shard_funnel)
+    fate: dict
+    dedup: dict  # the manifest's dedup section
+
+
+def compose(cfg: Config, read: Read, emb: Embedded, mined: Mined,
+            topic_of: dict[str, int] | None = None) -> Composed:
+    """Canonical ids, topics, rows and batches. ``topic_of``: each training query's topic
+    when computed elsewhere (a worker task), else here from the query vectors."""
     if not emb.doc_ids.equals(read.corpus["doc_id"]):  # the shards take texts by doc number
         raise ValueError("the embeddings' doc ids are not the corpus's, in its order: embed the "
                          "read stage's corpus (pipelines.stages.embed_stage)")
@@ -100,56 +114,90 @@ def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined,
                                       forbidden)
     table, batch_stats, fate = shard_table(rows_df, rows, cfg.batch, cfg.seed,
                                            cfg.mine.num_negatives)
-    query_text = TextColumn(read.dataset.queries["query_id"], read.dataset.queries["text"])
     del rows_df, rows
-    shard_dir = out / "shards"
-    if tasks is None:
-        ids, texts = emb.doc_ids.to_arrow(), text_array(read.texts)
-        files = shards.write_shards(
-            table, shard_dir, cfg.batch.batches_per_shard,
-            fill=lambda part: with_row_texts(text_rows(part, query_text), texts, ids, known))
-    else:
-        staged = _Staged(out / "work" / "shards-staging", text_rows(table, query_text), known)
-        files = shards.write_shards(table, shard_dir, cfg.batch.batches_per_shard,
-                                    write_many=lambda jobs: staged.write(jobs, tasks))
-        shutil.rmtree(staged.folder)
-    write_table(out / FORBIDDEN_FILE, forbidden)
-    # The funnel runs on to the negatives in the shards.
-    funnel = shard_funnel(mined.funnel, stats["neg_dropped_as_duplicate"], fate)
-    if funnel_balance(funnel):
-        log.warning("funnel off by %d candidates: %s", funnel_balance(funnel), funnel)
     counts = {
-        "docs": read.corpus.height,
         "duplicate_docs": sum(d != c for d, c in canon.items()),
-        "queries": read.dataset.queries.height,
-        "train_pairs": mined.pairs.num_rows,
         "rows": table.num_rows,
         "topics": len(set(topic_of.values())),
         "forbidden_pairs": forbidden.num_rows,
-        **read.dataset.stats,
         **stats,
         **batch_stats,
         **shard_counts(table, cfg.mine.num_negatives),
     }
-    manifest = _manifest(cfg, out, counts, funnel, mined, dedup_info, files)
-    shards.write_manifest(shard_dir, manifest)  # last: marks the shards complete
+    return Composed(table, forbidden, known, counts, stats["neg_dropped_as_duplicate"], fate,
+                    dedup_info)
+
+
+def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined,
+           topic_of: dict[str, int] | None = None, tasks: Tasks | None = None) -> Curated:
+    """Shards, forbidden pairs and manifest under ``out``; every count from what was written.
+    ``topic_of``: as ``compose``'s. ``tasks``: runs the shard writers on the cluster (they read
+    the doc texts from the index's files there), else they run here. The pipeline composes in
+    a worker task instead (pipelines.stages.curate_stage) and ends with ``finish``."""
+    comp = compose(cfg, read, emb, mined, topic_of)
+    query_text = TextColumn(read.dataset.queries["query_id"], read.dataset.queries["text"])
+    shard_dir = out / "shards"
+    if tasks is None:
+        ids, texts = emb.doc_ids.to_arrow(), text_array(read.texts)
+        files = shards.write_shards(
+            comp.table, shard_dir, cfg.batch.batches_per_shard,
+            fill=lambda part: with_row_texts(text_rows(part, query_text), texts, ids, comp.known))
+    else:
+        staged = Staged(out / "work" / "shards-staging", text_rows(comp.table, query_text),
+                        comp.known)
+        files = shards.write_shards(comp.table, shard_dir, cfg.batch.batches_per_shard,
+                                    write_many=lambda jobs: staged.write(jobs, tasks))
+        shutil.rmtree(staged.folder)
+    write_table(out / FORBIDDEN_FILE, comp.forbidden)
+    summary = {k: getattr(comp, k) for k in ("counts", "dropped_as_duplicate", "fate", "dedup")}
+    return finish(cfg, out, read, mined, summary, files)
+
+
+def finish(cfg: Config, out: Path, read: Read, mined: Mined, composed: dict,
+           files: list[dict]) -> Curated:
+    """The manifest, once the shards and forbidden pairs are written: ``composed`` is a
+    ``Composed``'s counts, dropped_as_duplicate, fate and dedup (as JSON from a task)."""
+    # The funnel runs on to the negatives in the shards.
+    funnel = shard_funnel(mined.funnel, composed["dropped_as_duplicate"], composed["fate"])
+    if funnel_balance(funnel):
+        log.warning("funnel off by %d candidates: %s", funnel_balance(funnel), funnel)
+    c = composed["counts"]
+    counts = {
+        "docs": read.corpus.height,
+        "duplicate_docs": c["duplicate_docs"],
+        "queries": read.dataset.queries.height,
+        "train_pairs": mined.pairs.num_rows,
+        **{k: c[k] for k in ("rows", "topics", "forbidden_pairs")},
+        **read.dataset.stats,
+        **{k: v for k, v in c.items() if k not in ("duplicate_docs", "rows", "topics",
+                                                    "forbidden_pairs")},
+    }  # fmt: skip
+    manifest = _manifest(cfg, out, counts, funnel, mined, composed["dedup"], files)
+    shards.write_manifest(out / "shards", manifest)  # last: marks the shards complete
     keys = ("counts", "funnel", "warnings", "effective", *mined.checks)
-    return Curated(shard_dir, {k: manifest[k] for k in keys})
+    return Curated(out / "shards", {k: manifest[k] for k in keys})
 
 
-class _Staged:
+class Staged:
     """The shard rows (with their texts' row numbers) and the known positives as files in
-    ``folder``, for shard tasks to read; the folder is emptied first (a crashed run's files)."""
+    ``folder``, for shard tasks to read; the folder is emptied first (a crashed run's files).
+    ``Staged.existing``: a folder a task staged."""
 
-    def __init__(self, folder: Path, rows: pa.Table, known: pl.DataFrame):
+    def __init__(self, folder: Path, rows: pa.Table | None, known: pl.DataFrame | None):
+        self.folder, self.rows, self.known = folder, folder / "rows.arrow", folder / "known.parquet"
+        self.texts = self.folder.parent / "doc_texts.arrow"  # the index stage's
+        self.ids = self.folder.parent / "doc_ids.arrow"
+        if rows is None:
+            return
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        self.folder, self.rows, self.known = folder, folder / "rows.arrow", folder / "known.parquet"
         with pa.OSFile(str(self.rows), "wb") as sink, pa.ipc.new_file(sink, rows.schema) as w:
             w.write_table(rows)
         known.write_parquet(self.known)
-        self.texts = self.folder.parent / "doc_texts.arrow"  # the index stage's
-        self.ids = self.folder.parent / "doc_ids.arrow"
+
+    @classmethod
+    def existing(cls, folder: Path) -> Staged:
+        return cls(folder, None, None)
 
     def write(self, jobs: list[shards.ShardJob], tasks: Tasks) -> list[Path]:
         args = [(str(self.rows), j.start, j.bounds, str(self.folder / j.name), str(self.texts),

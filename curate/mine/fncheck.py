@@ -204,15 +204,20 @@ def apply(
             loaded[spec] = scorer.PairScores(model, query_text, doc_text)
         return loaded[spec]
 
-    table, check, known = pl.from_arrow(mined), None, Known.of(known)
+    # Without a check or a teacher only the scores are read: the mined table can be a memory-
+    # mapped file whose id columns (most of its bytes) the driver never touches.
+    table, check, known = None, None, Known.of(known)
     if cfg.fncheck.scorer is not None:
+        table = pl.from_arrow(mined)
         pair_scores = scores_for(cfg.fncheck, "fncheck.scorer")
         table, confirmed, check = check_false_negatives(table, pair_scores, cfg.fncheck)
         forbidden, known = _act(cfg.fncheck, confirmed, check, forbidden, funnel, known)
-    quality = mining_quality(table, funnel, check)
+    scores = pl.from_arrow(mined.select(["pos_score", "neg_scores"])) if table is None else table
+    quality = mining_quality(scores, funnel, check)
     source = {"source": "miner", "model": cfg.embed.model, "kind": "embedder"}
     if cfg.teacher.scorer is not None:
-        table = rescore(table, scores_for(cfg.teacher, "teacher.scorer"))
+        table = rescore(pl.from_arrow(mined) if table is None else table,
+                        scores_for(cfg.teacher, "teacher.scorer"))
         source = {"source": "teacher", "model": cfg.teacher.scorer, "kind": cfg.teacher.kind}
     sections = {
         "fncheck": check or {"enabled": False},

@@ -142,4 +142,6 @@ def check(cfg: Config, read: Read, emb: Embedded, indexed: Indexed, mined: Mined
         health.embedding_health(emb.doc_vecs, cfg.seed)  # computed here when no task did
     if mined.calibration is not None:
         checks["ceiling_calibration"] = dataclasses.asdict(mined.calibration)
-    return dataclasses.replace(mined, pairs=pairs, forbidden=forbidden, known=known, checks=checks)
+    same = pairs is mined.pairs  # no check rewrote them: still the mine stage's mapped file
+    return dataclasses.replace(mined, pairs=pairs, forbidden=forbidden, known=known, checks=checks,
+                               pairs_file=mined.pairs_file if same else None)
