@@ -95,7 +95,7 @@ def main() -> None:
 
     arrow_system_allocator()  # as the CLI does before the first Arrow buffer
     sampler, lines = Sampler(), []
-    for name in ("canonical_map", "Staged"):
+    for name in ("canonical_map", "stage_shards"):
         sampler.step(stage, name, lines)
     for name in ("build_rows", "shard_table", "text_rows", "known_table"):
         sampler.step(curation, name, lines)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from curate.records import Curated, Embedded, Indexed, Known, Mined, Model, Read
 from curate.text import content_hash
 from pipelines.cluster import Workers
 from pipelines.embedding import embed_texts, given_vectors
-from pipelines.searching import build_index_shards, guard_index, mine_pairs
+from pipelines.searching import build_index_shards, guard_index, mine_pairs, release_indexes
 
 log = logging.getLogger(__name__)
 
@@ -184,24 +183,9 @@ def curate_stage(workers: Workers, cfg: Config, out: Path, read: Read, emb: Embe
     ).result()  # fmt: skip
     plan = json.loads(Path(plan).read_text())
     jobs = [batch.shards.ShardJob(n, start, tuple(bounds)) for n, start, bounds in plan["jobs"]]
-    staged = batch.Staged.existing(staging)
-    files = batch.shards.write_shards(None, out / "shards", cfg.batch.batches_per_shard,
-                                      write_many=lambda js: staged.write(js, shard_tasks(workers)),
-                                      jobs=jobs)  # fmt: skip
-    os.replace(staging / batch.FORBIDDEN_FILE, out / batch.FORBIDDEN_FILE)
-    shutil.rmtree(staging)
+    files = batch.write_staged(cfg, out, staging, jobs, shard_tasks(workers))
     shutil.rmtree(inputs)
     return batch.finish(cfg, out, read, mined, plan["composed"], files)
-
-
-def release_indexes() -> None:
-    """On a worker: drop the search indexes the mine tasks loaded (4.9 GB at 10M docs)."""
-    import gc
-
-    from pipelines import searching
-
-    searching._INDEXES.clear()
-    gc.collect()
 
 
 def _compose_task(cfg: Config, work: str, inputs: str, pairs: str, staging: str) -> str:
@@ -209,8 +193,6 @@ def _compose_task(cfg: Config, work: str, inputs: str, pairs: str, staging: str)
     index stage's (ids, text hashes, texts, vectors) -> the staged shard rows, forbidden pairs
     and known positives in ``staging``, and the plan (shard jobs, counts) as a JSON path."""
     from curate.batch import stage as batch
-    from curate.batch.curation import TextColumn, text_rows
-    from curate.batch.shards import shard_jobs
     from curate.files import write_json
     from curate.mine.negatives import load_doc_ids, load_doc_texts
     from curate.read.dataset import Dataset
@@ -231,13 +213,9 @@ def _compose_task(cfg: Config, work: str, inputs: str, pairs: str, staging: str)
     labels = np.load(inp / "topics.npy").tolist()
     topic_of = dict(zip(batch.train_queries(mined), labels, strict=True))
     comp = batch.compose(cfg, read, emb, mined, topic_of)
-    query_text = TextColumn(queries["query_id"], queries["text"])
-    batch.Staged(stage_dir, text_rows(comp.table, query_text), comp.known)
-    write_table(stage_dir / batch.FORBIDDEN_FILE, comp.forbidden)
-    jobs = shard_jobs(comp.table.column("batch_id").to_numpy(), cfg.batch.batches_per_shard)
+    jobs = batch.stage_shards(comp, stage_dir, queries, cfg.batch.batches_per_shard)
     plan = {"jobs": [[j.name, j.start, list(j.bounds)] for j in jobs],
-            "composed": {"counts": comp.counts, "dropped_as_duplicate": comp.dropped_as_duplicate,
-                         "fate": dict(comp.fate), "dedup": comp.dedup}}  # fmt: skip
+            "composed": comp.summary()}
     write_json(stage_dir / "plan.json", plan)
     return str(stage_dir / "plan.json")
 

@@ -203,7 +203,7 @@ def test_shards_written_by_tasks_from_row_numbers_are_the_same_bytes(tmp_path):
     work.mkdir(parents=True)
     write_doc_texts(work / "doc_texts.arrow", texts)
     write_doc_ids(work / "doc_ids.arrow", ids)
-    staged = Staged(work / "shards-staging", rows, known)
+    staged = Staged.write_new(work / "shards-staging", rows, known)
     calls = []
 
     def run(fn, args, label):  # one process: the pipeline tests run these on a cluster

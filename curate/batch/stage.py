@@ -4,6 +4,7 @@ and the manifest (written last: it marks the shards complete)."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from curate.batch.curation import (
     with_row_texts,
 )
 from curate.config import Config
-from curate.files import sha256, write_table
+from curate.files import sha256, write_arrow, write_table
 from curate.mine.negatives import text_array
 from curate.records import Curated, Embedded, Mined, Read
 
@@ -93,6 +94,11 @@ class Composed:
     fate: dict
     dedup: dict  # the manifest's dedup section
 
+    def summary(self) -> dict:
+        """What ``finish`` reads of it, as JSON (a task hands it over in its plan)."""
+        return {"counts": self.counts, "dropped_as_duplicate": self.dropped_as_duplicate,
+                "fate": dict(self.fate), "dedup": self.dedup}  # fmt: skip
+
 
 def compose(cfg: Config, read: Read, emb: Embedded, mined: Mined,
             topic_of: dict[str, int] | None = None) -> Composed:
@@ -135,22 +141,42 @@ def curate(cfg: Config, out: Path, read: Read, emb: Embedded, mined: Mined,
     the doc texts from the index's files there), else they run here. The pipeline composes in
     a worker task instead (pipelines.stages.curate_stage) and ends with ``finish``."""
     comp = compose(cfg, read, emb, mined, topic_of)
-    query_text = TextColumn(read.dataset.queries["query_id"], read.dataset.queries["text"])
     shard_dir = out / "shards"
     if tasks is None:
+        query_text = TextColumn(read.dataset.queries["query_id"], read.dataset.queries["text"])
         ids, texts = emb.doc_ids.to_arrow(), text_array(read.texts)
         files = shards.write_shards(
             comp.table, shard_dir, cfg.batch.batches_per_shard,
             fill=lambda part: with_row_texts(text_rows(part, query_text), texts, ids, comp.known))
+        write_table(out / FORBIDDEN_FILE, comp.forbidden)
     else:
-        staged = Staged(out / "work" / "shards-staging", text_rows(comp.table, query_text),
-                        comp.known)
-        files = shards.write_shards(comp.table, shard_dir, cfg.batch.batches_per_shard,
-                                    write_many=lambda jobs: staged.write(jobs, tasks))
-        shutil.rmtree(staged.folder)
-    write_table(out / FORBIDDEN_FILE, comp.forbidden)
-    summary = {k: getattr(comp, k) for k in ("counts", "dropped_as_duplicate", "fate", "dedup")}
-    return finish(cfg, out, read, mined, summary, files)
+        staging = out / "work" / "shards-staging"
+        jobs = stage_shards(comp, staging, read.dataset.queries, cfg.batch.batches_per_shard)
+        files = write_staged(cfg, out, staging, jobs, tasks)
+    return finish(cfg, out, read, mined, comp.summary(), files)
+
+
+def stage_shards(comp: Composed, folder: Path, queries: pl.DataFrame,
+                 batches_per_shard: int) -> list[shards.ShardJob]:
+    """``comp``'s shard rows (with their query texts), known positives and forbidden pairs as
+    files in ``folder`` (emptied first: a crashed run's files), for ``write_staged``;
+    -> the shard jobs."""
+    query_text = TextColumn(queries["query_id"], queries["text"])
+    Staged.write_new(folder, text_rows(comp.table, query_text), comp.known)
+    write_table(folder / FORBIDDEN_FILE, comp.forbidden)
+    return shards.shard_jobs(comp.table.column("batch_id").to_numpy(), batches_per_shard)
+
+
+def write_staged(cfg: Config, out: Path, folder: Path, jobs: list[shards.ShardJob],
+                 tasks: Tasks) -> list[dict]:
+    """The shards of ``stage_shards``'s folder written by tasks and renamed into ``out/shards``,
+    then its forbidden pairs into ``out``; the folder removed. -> the shards' file records."""
+    staged = Staged(folder)
+    files = shards.write_shards(None, out / "shards", cfg.batch.batches_per_shard,
+                                write_many=lambda js: staged.write(js, tasks), jobs=jobs)
+    os.replace(folder / FORBIDDEN_FILE, out / FORBIDDEN_FILE)
+    shutil.rmtree(folder)
+    return files
 
 
 def finish(cfg: Config, out: Path, read: Read, mined: Mined, composed: dict,
@@ -180,24 +206,22 @@ def finish(cfg: Config, out: Path, read: Read, mined: Mined, composed: dict,
 
 class Staged:
     """The shard rows (with their texts' row numbers) and the known positives as files in
-    ``folder``, for shard tasks to read; the folder is emptied first (a crashed run's files).
-    ``Staged.existing``: a folder a task staged."""
+    ``folder``, for shard tasks to read (``write_new`` writes them)."""
 
-    def __init__(self, folder: Path, rows: pa.Table | None, known: pl.DataFrame | None):
+    def __init__(self, folder: Path):
         self.folder, self.rows, self.known = folder, folder / "rows.arrow", folder / "known.parquet"
         self.texts = self.folder.parent / "doc_texts.arrow"  # the index stage's
         self.ids = self.folder.parent / "doc_ids.arrow"
-        if rows is None:
-            return
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        with pa.OSFile(str(self.rows), "wb") as sink, pa.ipc.new_file(sink, rows.schema) as w:
-            w.write_table(rows)
-        known.write_parquet(self.known)
 
     @classmethod
-    def existing(cls, folder: Path) -> Staged:
-        return cls(folder, None, None)
+    def write_new(cls, folder: Path, rows: pa.Table, known: pl.DataFrame) -> Staged:
+        """The folder emptied first (a crashed run's files), then the rows and positives."""
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        staged = cls(folder)
+        write_arrow(staged.rows, rows)
+        known.write_parquet(staged.known)
+        return staged
 
     def write(self, jobs: list[shards.ShardJob], tasks: Tasks) -> list[Path]:
         args = [(str(self.rows), j.start, j.bounds, str(self.folder / j.name), str(self.texts),
