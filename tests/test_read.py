@@ -543,3 +543,16 @@ def test_known_positives_are_one_frame_read_as_a_mapping():
     more = known.plus(pl.DataFrame({"query_id": ["a", "d"], "doc_id": ["7", "8"]}))
     assert more["a"] == ["1", "7"] and more["d"] == ["8"] and "d" not in known
     assert Known.of(dict(known)).pairs.equals(known.pairs) and Known.of(known) is known
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.sampled_from("abcdefgh"), max_size=12),
+       ids=st.lists(st.sampled_from("abcdefghij"), max_size=20))
+def test_membership_and_repeat_checks_agree_with_polars(values, ids):
+    """The read stage's memory-light checks (a set built over the smaller side, sorted hashes
+    for repeats) answer what ``is_in`` and ``n_unique`` answer, on either side being larger."""
+    from curate.read.dataset import _is_in, _may_repeat
+
+    v, i = pl.Series(values, dtype=pl.String), pl.Series(ids, dtype=pl.String)
+    assert _is_in(v, i).to_list() == v.is_in(i.implode()).to_list()
+    assert _may_repeat(i) == (i.n_unique() < i.len())
