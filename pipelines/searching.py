@@ -14,6 +14,7 @@ import os
 import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -354,7 +355,8 @@ def mine_pairs(
     shard_paths, bounds = _shard_layout(work_dir, icfg)
     offsets = [a for a, _ in bounds]
     homes = sorted(workers.client.scheduler_info()["workers"]) if len(shard_paths) > 1 else []
-    search_key = content_hash([index_fp, settings, *(q for b in blocks for q in b.query_ids)])
+    # Streamed, not unpacked: a list would hold every query id as a Python string at once.
+    search_key = content_hash(chain([index_fp, settings], (q for b in blocks for q in b.query_ids)))
     ends = np.cumsum([len(b.query_ids) for b in blocks], dtype=np.int64)
     todo = []
     for block, stop in zip(blocks, ends.tolist()):

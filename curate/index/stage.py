@@ -53,7 +53,7 @@ def write_inputs(work: Path, read: Read, emb: Embedded) -> None:
     else:
         with atomic_path(work / "doc_vecs.npy", ".tmp.npy") as tmp:  # never into a linked file
             np.save(tmp, emb.doc_vecs)
-    np.save(work / "doc_hash.npy", read.corpus["hash"].to_numpy().astype(np.uint64))
+    np.save(work / "doc_hash.npy", read.corpus["hash"].to_numpy().astype(np.uint64, copy=False))
     write_doc_ids(work / "doc_ids.arrow", emb.doc_ids)
 
 

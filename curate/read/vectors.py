@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from curate import storage
 from curate.config import DataConfig
 from curate.errors import DataError
+from curate.files import read_arrow
 
 
 def parquet_inputs(data: DataConfig) -> DataConfig:
@@ -161,7 +162,7 @@ def assemble(file_rows: str, first_rows: list[int], order_path: str, out_path: s
     import polars as pl
 
     ids = pl.concat([pl.read_parquet(block_ids(file_rows, r)) for r in first_rows])
-    want = pl.read_parquet(order_path)
+    want = pl.from_arrow(read_arrow(order_path))
     if ids["id"].equals(want["id"]):
         Path(file_rows).replace(out_path)
         return want.height
