@@ -21,7 +21,7 @@ import pyarrow as pa
 from curate.config import EmbedConfig
 from curate.embed import encoder as embed
 from curate.embed import plan as embed_plan
-from curate.files import atomic_path, write_arrow, write_table
+from curate.files import atomic_path, slices, write_arrow, write_table
 from curate.read.stage import text_list
 from curate.records import id_series
 from curate.text import content_hash
@@ -186,9 +186,8 @@ def given_vectors(workers: Workers, path: str, id_column: str, column: str, ids:
     ]  # fmt: skip
     gather(workers, futures, f"vectors ({path.rsplit('/', 1)[-1]})")
     order = cache_dir / f"given-{order_key}.ids.arrow"
-    ids = id_series(ids)  # a slice converted at a time: whole, a second copy of every id
-    write_arrow(order, (pa.table({"id": ids.slice(a, 1 << 20).to_arrow().cast(pa.string())})
-                        for a in range(0, max(len(ids), 1), 1 << 20)))  # fmt: skip
+    write_arrow(order, (pa.table({"id": part.to_arrow().cast(pa.string())})
+                        for part in slices(id_series(ids))))  # fmt: skip
     firsts = [first for _, _, first in blocks]
     workers.client.submit(vectors.assemble, str(rows_file), firsts, str(order), str(out),
                           key=f"vectors-{order_key}", pure=False).result()  # fmt: skip

@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate.config import MineConfig
-from curate.files import atomic_path
+from curate.files import atomic_path, slices, write_arrow
 from curate.schema import FALSE_NEGATIVE_REASONS
 from curate.text import ngrams
 
@@ -271,11 +271,8 @@ def _write_column(path: Path, values, schema: pa.Schema) -> None:
     were a second copy of the column in the driver (+0.17 GB as large_string)."""
     if not hasattr(values, "slice"):
         values = pa.array(list(values), pa.string())
-    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
-        with pa.ipc.new_file(sink, schema) as writer:
-            for a in range(0, max(len(values), 1), _WRITE_ROWS):
-                part = text_array(values.slice(a, _WRITE_ROWS))
-                writer.write_table(pa.table([part.cast(schema[0].type)], schema=schema))
+    write_arrow(path, (pa.table([text_array(part).cast(schema[0].type)], schema=schema)
+                       for part in slices(values, _WRITE_ROWS)))  # fmt: skip
 
 
 def text_array(texts) -> pa.Array | pa.ChunkedArray:

@@ -410,7 +410,7 @@ def _check_qrels(
     qrels: pl.DataFrame, path: Location, kept: dict[str, pl.Series], skipped: dict[str, pl.Series]
 ) -> tuple[pl.DataFrame, int]:
     """Drop pairs naming a skipped (empty) doc or query, then fail on any id never seen."""
-    of_skipped = pl.Series([False] * qrels.height, dtype=pl.Boolean)
+    of_skipped = pl.repeat(False, qrels.height, dtype=pl.Boolean, eager=True)
     for col, ids in skipped.items():
         of_skipped = of_skipped | _is_in(qrels[col], ids)
     dropped = int(of_skipped.sum())
